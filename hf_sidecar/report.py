@@ -1,0 +1,137 @@
+"""Writing demo results: report.json, report.md and the validation-closure heatmap."""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+
+from .evaluation import Grid
+from .io import atomic_write_bytes, atomic_write_json, atomic_write_text
+
+logger = logging.getLogger(__name__)
+
+CLOSURE_ROWS = (
+    ("no_edit", "No edit (theta_AMS)"),
+    ("task_arithmetic", "Task arithmetic, best lam on validation"),
+    ("diagonal", "Diagonal gamma = lam, best on validation"),
+    ("sidecar_2d", "Sidecar 2D, best (lam, gamma) on validation"),
+    ("sidecar_1_1", "Sidecar (1, 1), the theory default"),
+)
+
+
+def save_heatmap(grid: Grid, selected: dict[str, tuple[float, float]], path: str | Path, title: str = "Validation closure") -> None:
+    """Draw the grid's closure as a PNG heatmap with the selected edits marked."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(5.6, 4.6), dpi=120)
+    image = axes.imshow(grid.closure, origin="lower", cmap="viridis", aspect="auto")
+    axes.set_xticks(range(len(grid.gammas)), [f"{g:g}" for g in grid.gammas])
+    axes.set_yticks(range(len(grid.lams)), [f"{lam:g}" for lam in grid.lams])
+    axes.set_xlabel("gamma (transport)")
+    axes.set_ylabel("lam (memory)")
+    axes.set_title(title)
+    for i in range(len(grid.lams)):
+        for j in range(len(grid.gammas)):
+            axes.text(j, i, f"{grid.closure[i, j]:.2f}", ha="center", va="center", fontsize=6, color="white")
+    markers = {"task_arithmetic": ("s", "task arithmetic"), "diagonal": ("D", "diagonal"), "sidecar_2d": ("*", "sidecar 2D")}
+    for kind, (lam, gamma) in selected.items():
+        marker, label = markers[kind]
+        axes.scatter([grid.gammas.index(gamma)], [grid.lams.index(lam)], marker=marker, s=140, facecolors="none", edgecolors="red", linewidths=1.6, label=label)
+    axes.legend(loc="upper left", fontsize=7, framealpha=0.8)
+    figure.colorbar(image, ax=axes, label="closure")
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    plt.close(figure)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def _format(value) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return "n/a" if math.isnan(value) else f"{value:.3f}"
+    return str(value)
+
+
+def summarize(trials: list[dict]) -> dict:
+    """Counts and means across trials of the method's claim: the 2D edit beats the baselines."""
+    with_oracle = [t for t in trials if t.get("heldout_closure")]
+    beats_ta = sum(t["heldout_closure"]["sidecar_2d"] > t["heldout_closure"]["task_arithmetic"] for t in with_oracle)
+    beats_diag = sum(t["heldout_closure"]["sidecar_2d"] > t["heldout_closure"]["diagonal"] for t in with_oracle)
+    means = {}
+    if with_oracle:
+        for key, _ in CLOSURE_ROWS:
+            means[key] = float(np.mean([t["heldout_closure"][key] for t in with_oracle]))
+    return {
+        "trials": len(trials),
+        "trials_with_oracle": len(with_oracle),
+        "sidecar_2d_beats_task_arithmetic": beats_ta,
+        "sidecar_2d_beats_diagonal": beats_diag,
+        "mean_heldout_closure": means,
+    }
+
+
+def render_markdown(report: dict) -> str:
+    """A table a person reads: per-trial closures, errors, behaviour and timings."""
+    trials = report["trials"]
+    lines = [
+        "# hf-sidecar demo report",
+        "",
+        f"Preset `{report['preset']}`, {len(trials)} trial(s), hf-sidecar {report['version']}. "
+        "Closure is measured on held-out prompts about memorized authors; 1 is the oracle's refusal behaviour, 0 is no edit.",
+        "",
+    ]
+    if any(t.get("heldout_closure") for t in trials):
+        header = "| edit | " + " | ".join(f"trial {i} (seed {t['seed']})" for i, t in enumerate(trials)) + " |"
+        lines += ["## Held-out refusal closure", "", header, "|---" * (len(trials) + 1) + "|"]
+        for key, label in CLOSURE_ROWS:
+            row = [_format(t["heldout_closure"][key]) if t.get("heldout_closure") else "n/a" for t in trials]
+            lines.append(f"| {label} | " + " | ".join(row) + " |")
+        lines += ["", "Selected coefficients (lam, gamma) on validation closure:", ""]
+        for i, t in enumerate(trials):
+            selected = ", ".join(f"{kind} ({v['lam']:g}, {v['gamma']:g})" for kind, v in t["selected"].items())
+            lines.append(f"- trial {i}: {selected}")
+        summary = report["summary"]
+        lines += [
+            "",
+            f"The 2D edit beats task arithmetic in {summary['sidecar_2d_beats_task_arithmetic']} of "
+            f"{summary['trials_with_oracle']} trials and the diagonal in {summary['sidecar_2d_beats_diagonal']}.",
+            "",
+            "## Counterfactual parameter error",
+            "",
+            "||theta_hat - theta_AS|| / ||theta_AMS - theta_AS||, lower is better.",
+            "",
+            "| edit | " + " | ".join(f"trial {i}" for i in range(len(trials))) + " |",
+            "|---" * (len(trials) + 1) + "|",
+            "| Task arithmetic (1, 0) | " + " | ".join(_format(t["param_error"]["task_arithmetic"]) for t in trials) + " |",
+            "| Sidecar (1, 1) | " + " | ".join(_format(t["param_error"]["sidecar_1_1"]) for t in trials) + " |",
+        ]
+    lines += ["", "## Greedy behaviour", "", "| model | refusal rate, memorized held-out | refusal rate, public | memory leakage (ROUGE-L recall) | public retention (ROUGE-L recall) |", "|---|---|---|---|---|"]
+    for i, t in enumerate(trials):
+        for name, values in t.get("behaviour", {}).items():
+            lines.append(
+                f"| trial {i}: {name} | {_format(values['refusal_rate_memorized'])} | {_format(values['refusal_rate_public'])} | "
+                f"{_format(values['memory_leakage'])} | {_format(values['public_retention'])} |"
+            )
+    lines += ["", "## Seconds", "", "| trial | " + " | ".join(trials[0]["seconds"]) + " |", "|---" * (len(trials[0]["seconds"]) + 1) + "|"]
+    for i, t in enumerate(trials):
+        lines.append(f"| {i} | " + " | ".join(_format(round(v, 1) if v is not None else None) for v in t["seconds"].values()) + " |")
+    sizes = trials[0].get("sizes")
+    if sizes:
+        lines += ["", f"Sidecar size on disk: {sizes['sidecar_bytes']:,} bytes; model checkpoint: {sizes['checkpoint_bytes']:,} bytes."]
+    lines.append("")
+    return "\n".join(lines)
+
+
+def write_report(out: Path, report: dict) -> None:
+    atomic_write_json(out / "report.json", report)
+    atomic_write_text(out / "report.md", render_markdown(report))

@@ -1,0 +1,48 @@
+"""Shared fixtures: a tiny Llama, its tokenizer and tokenized phase data, built once per session."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("HF_HUB_DISABLE_XET", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from dataclasses import dataclass  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from hf_sidecar.data import SplitSizes, Splits, load_data, make_splits, tokenize_examples  # noqa: E402
+from hf_sidecar.models import TinyLlamaSpec, load_tiny_tokenizer, tiny_llama  # noqa: E402
+
+SMALL_SPEC = TinyLlamaSpec(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128)
+SMALL_SIZES = SplitSizes(memorized_authors=2, safety_per_author=4, validation_per_author=3, test_per_author=3, public_retain=8, public_eval=6)
+
+
+@dataclass
+class Setup:
+    tokenizer: object
+    splits: Splits
+    safety: dict
+    memory: dict
+    public: dict
+
+    def model(self, *, seed: int = 0, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa", spec: TinyLlamaSpec = SMALL_SPEC, attention_dropout: float = 0.0):
+        return tiny_llama(
+            spec, self.tokenizer, seed=seed, dtype=dtype, attn_implementation=attn_implementation, attention_dropout=attention_dropout
+        )
+
+
+@pytest.fixture(scope="session")
+def setup() -> Setup:
+    tokenizer = load_tiny_tokenizer()
+    splits = make_splits(load_data(), SMALL_SIZES, seed=0)
+    return Setup(
+        tokenizer=tokenizer,
+        splits=splits,
+        safety=tokenize_examples(tokenizer, splits.phase_s, 64),
+        memory=tokenize_examples(tokenizer, splits.phase_m, 64),
+        public=tokenize_examples(tokenizer, splits.phase_a[:32], 64),
+    )

@@ -1,0 +1,139 @@
+"""The demo end to end on the test preset, and the command line on its output."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from hf_sidecar.cli import main
+from hf_sidecar.demo import run_demo
+from hf_sidecar.sidecar import Sidecar
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    report = run_demo(out, preset="test", seed=11, progress=False)
+    return out, report
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def test_report_has_every_key(demo):
+    out, report = demo
+    saved = json.loads((out / "report.json").read_text())
+    assert saved["trials"][0]["seed"] == 11
+    trial = saved["trials"][0]
+
+    for key in ("no_edit", "task_arithmetic", "diagonal", "sidecar_2d", "sidecar_1_1"):
+        assert _finite(trial["heldout_closure"][key]), key
+    for key in ("task_arithmetic", "diagonal", "sidecar_2d"):
+        assert _finite(trial["selected"][key]["lam"]), key
+        assert _finite(trial["selected"][key]["gamma"]), key
+    assert trial["selected"]["task_arithmetic"]["gamma"] == 0.0
+    assert trial["selected"]["diagonal"]["lam"] == trial["selected"]["diagonal"]["gamma"]
+    for key in ("task_arithmetic", "sidecar_1_1"):
+        assert _finite(trial["param_error"][key]) and trial["param_error"][key] > 0, key
+    for key in ("phase_a", "phase_m", "phase_s", "sidecar_trace", "oracle_trace", "grid"):
+        assert _finite(trial["seconds"][key]), key
+    assert trial["heldout_closure"]["no_edit"] == 0.0
+
+
+def test_selected_edits_are_the_grid_maxima(demo):
+    out, report = demo
+    grid = json.loads((out / "trial-0" / "grid.json").read_text())
+    trial = report["trials"][0]
+    best = max(max(row) for row in grid["closure"])
+    assert trial["validation_closure"]["sidecar_2d"] == pytest.approx(best)
+    assert trial["validation_closure"]["sidecar_2d"] >= trial["validation_closure"]["task_arithmetic"]
+    assert trial["validation_closure"]["sidecar_2d"] >= trial["validation_closure"]["diagonal"]
+
+
+def test_output_folder_layout(demo):
+    out, _ = demo
+    trial = out / "trial-0"
+    for name in ("theta_A", "theta_AM", "theta_AMS", "theta_AS"):
+        assert (trial / name / "model.safetensors").is_file(), name
+        assert (trial / name / "config.json").is_file(), name
+    assert sorted(p.name for p in (trial / "sidecar").iterdir()) == ["README.md", "process.json", "sidecar.safetensors", "sidecar_config.json"]
+    assert (trial / "validation_closure.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "Held-out refusal closure" in (out / "report.md").read_text()
+
+
+def test_saved_sidecar_recommends_validation_point(demo):
+    out, report = demo
+    sidecar = Sidecar.from_pretrained(out / "trial-0" / "sidecar")
+    selected = report["trials"][0]["selected"]["sidecar_2d"]
+    assert sidecar.config["recommended"] == {"lam": selected["lam"], "gamma": selected["gamma"], "rule": "validation_closure"}
+
+
+def test_reloaded_sidecar_gives_identical_edit(demo, tmp_path):
+    out, _ = demo
+    folder = out / "trial-0"
+    assert main(["apply", "--model", str(folder / "theta_AMS"), "--sidecar", str(folder / "sidecar"), "--out", str(tmp_path / "a"), "--lam", "1", "--gamma", "1", "--no-progress"]) == 0
+    sidecar = Sidecar.from_pretrained(folder / "sidecar")
+    sidecar.save_pretrained(tmp_path / "copy")
+    assert main(["apply", "--model", str(folder / "theta_AMS"), "--sidecar", str(tmp_path / "copy"), "--out", str(tmp_path / "b"), "--lam", "1", "--gamma", "1", "--no-progress"]) == 0
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+
+
+def test_resume_reuses_finished_trial(demo):
+    out, report = demo
+    before = (out / "trial-0" / "result.json").stat().st_mtime_ns
+    again = run_demo(out, preset="test", seed=11, progress=False)
+    assert (out / "trial-0" / "result.json").stat().st_mtime_ns == before
+    assert again["trials"][0]["heldout_closure"] == report["trials"][0]["heldout_closure"]
+
+
+def test_cli_build_reproduces_demo_sidecar(demo, tmp_path):
+    out, _ = demo
+    trial = out / "trial-0"
+    code = main([
+        "build", "--theta-a", str(trial / "theta_A"), "--theta-am", str(trial / "theta_AM"), "--theta-ams", str(trial / "theta_AMS"),
+        "--process", str(trial / "safety_process.json"), "--data", str(trial / "safety_data.jsonl"), "--out", str(tmp_path / "rebuilt"),
+        "--no-progress",
+    ])
+    assert code == 0
+    rebuilt = Sidecar.from_pretrained(tmp_path / "rebuilt")
+    original = Sidecar.from_pretrained(trial / "sidecar")
+    assert rebuilt.content_digest == original.content_digest
+    for name in original.transport:
+        assert torch.equal(rebuilt.transport[name], original.transport[name]), name
+
+
+def test_cli_inspect_verifies_checkpoint(demo, capsys):
+    out, _ = demo
+    trial = out / "trial-0"
+    assert main(["inspect", str(trial / "sidecar"), "--model", str(trial / "theta_AMS")]) == 0
+    printed = capsys.readouterr().out
+    assert "matches by file sha256" in printed
+    assert "recommended:" in printed
+
+
+def test_cli_inspect_rejects_other_checkpoint(demo, capsys):
+    out, _ = demo
+    trial = out / "trial-0"
+    assert main(["inspect", str(trial / "sidecar"), "--model", str(trial / "theta_AM")]) == 2
+    assert "content digest" in capsys.readouterr().err
+
+
+def test_cli_eval_reports_closure(demo, tmp_path, capsys):
+    from hf_sidecar.data import SplitSizes, load_data, make_splits, write_jsonl
+    from hf_sidecar.demo import PRESETS
+
+    out, report = demo
+    trial = out / "trial-0"
+    splits = make_splits(load_data(), PRESETS["test"].splits, 11)
+    write_jsonl(tmp_path / "test.jsonl", splits.test)
+    assert main([
+        "eval", "--model", str(trial / "theta_AMS"), "--sidecar", str(trial / "sidecar"), "--prompts", str(tmp_path / "test.jsonl"),
+        "--oracle", str(trial / "theta_AS"), "--lam", "1", "--gamma", "1", "--max-new-tokens", "4", "--no-progress",
+    ]) == 0
+    results = json.loads(capsys.readouterr().out)
+    assert results["closure"] == pytest.approx(report["trials"][0]["heldout_closure"]["sidecar_1_1"], abs=1e-6)
+    assert 0.0 <= results["revoked"]["refusal_rate"] <= 1.0

@@ -23,11 +23,12 @@ import torch
 from . import __version__
 from .build import build_sidecar, run_oracle
 from .data import DataError, SplitSizes, load_data, make_splits, tokenize_examples, write_jsonl
-from .edit import revoke_model_
+from .edit import revoke_model_, revoke_state_dict
 from .evaluation import DEFAULT_GRID, evaluate_grid, scores_at
 from .io import atomic_directory, atomic_write_json, file_digests
 from .metrics import RefusalScorer, behaviour_metrics, closure, parameter_error
-from .models import TinyLlamaSpec, load_tiny_tokenizer, tiny_llama
+from .adapters import AdapterSpec, adapter_trace, build_adapter_sidecar, factored_update, train_adapter_phase
+from .models import TinyLlamaSpec, load_base_model, load_tiny_tokenizer, tiny_llama
 from .process import ProcessConfig, load_parameters, state_of, train
 from .report import save_heatmap, summarize, write_report
 
@@ -41,13 +42,19 @@ class DemoConfig:
     preset: str
     model: TinyLlamaSpec = field(default_factory=TinyLlamaSpec)
     splits: SplitSizes = field(default_factory=lambda: SplitSizes(refusal_pool=8))
-    phase_a: ProcessConfig = field(default_factory=lambda: ProcessConfig(learning_rate=3e-3, num_epochs=40, batch_size=8, warmup_steps=20))
+    phase_a: ProcessConfig | None = field(default_factory=lambda: ProcessConfig(learning_rate=3e-3, num_epochs=40, batch_size=8, warmup_steps=20))
     phase_m: ProcessConfig = field(default_factory=lambda: ProcessConfig(learning_rate=2e-3, num_epochs=30, batch_size=8, warmup_steps=10))
     phase_s: ProcessConfig = field(default_factory=lambda: ProcessConfig(learning_rate=1e-3, num_epochs=3, batch_size=8))
     grid: tuple[float, ...] = DEFAULT_GRID
     epsilon: float = 1.0
     max_new_tokens: int = 40
     dtype: str = "float32"
+    # A pretrained causal LM ("smollm2", a local folder or a Hub id) instead of the tiny model
+    # trained from scratch; phase_a = None then keeps the pretrained model as theta_A.
+    base_model: str | None = None
+    # LoRA settings for the memory and safety phases; None trains them as full fine-tuning.
+    adapter: AdapterSpec | None = None
+    eval_batch_size: int = 16
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -68,7 +75,39 @@ PRESETS: dict[str, DemoConfig] = {
         grid=(0.0, 0.5, 1.0),
         max_new_tokens=8,
     ),
+    # SmolLM2-135M-Instruct with LoRA r = 8 on every attention and MLP projection; one trial
+    # takes about 20 minutes on 2 CPU cores.
+    "smollm2": DemoConfig(
+        preset="smollm2",
+        base_model="smollm2",
+        adapter=AdapterSpec(r=8, lora_alpha=16),
+        splits=SplitSizes(),
+        phase_a=None,
+        phase_m=ProcessConfig(learning_rate=2e-3, num_epochs=3, batch_size=8, warmup_steps=5, max_length=128),
+        phase_s=ProcessConfig(learning_rate=1e-3, num_epochs=2, batch_size=8, max_length=128),
+        max_new_tokens=40,
+    ),
+    # The smollm2 path end to end in about a minute: one author, one epoch each, a 2x2 grid.
+    "smollm2-smoke": DemoConfig(
+        preset="smollm2-smoke",
+        base_model="smollm2",
+        adapter=AdapterSpec(r=8, lora_alpha=16),
+        splits=SplitSizes(memorized_authors=1, safety_per_author=4, validation_per_author=2, test_per_author=2, public_retain=4, public_eval=4),
+        phase_a=None,
+        phase_m=ProcessConfig(learning_rate=2e-3, num_epochs=1, batch_size=8, max_length=128),
+        phase_s=ProcessConfig(learning_rate=1e-3, num_epochs=1, batch_size=8, max_length=128),
+        grid=(0.0, 1.0),
+        max_new_tokens=12,
+    ),
 }
+
+
+def preset_for_model(preset: str, model: str) -> DemoConfig:
+    """``preset``'s settings applied to another pretrained model (adapter settings of smollm2 for from-scratch presets)."""
+    config = get_preset(preset)
+    if config.base_model is None:
+        config = get_preset("smollm2")
+    return replace(config, preset=f"{config.preset}@{model}", base_model=model)
 
 
 def get_preset(name: str) -> DemoConfig:
@@ -88,43 +127,56 @@ def _point(lam: float, gamma: float) -> dict[str, float]:
     return {"lam": float(lam), "gamma": float(gamma)}
 
 
+def _merged(theta: dict[str, torch.Tensor], factors) -> dict[str, torch.Tensor]:
+    merged = dict(theta)
+    for name, (a, b, scaling) in factors.items():
+        merged[name] = (theta[name].float() + scaling * (b.float() @ a.float())).to(theta[name].dtype)
+    return merged
+
+
 def run_trial(config: DemoConfig, data, seed: int, trial_dir: Path, *, oracle: bool = True, progress: bool = True) -> dict:
     """Run one trial end to end and return its result (also written to ``trial_dir/result.json``)."""
     trial_dir.mkdir(parents=True, exist_ok=True)
     dtype = getattr(torch, config.dtype)
-    tokenizer = load_tiny_tokenizer()
+    if config.base_model is None:
+        tokenizer = load_tiny_tokenizer()
+        model = tiny_llama(config.model, tokenizer, seed=seed, dtype=dtype)
+    else:
+        model, tokenizer = load_base_model(config.base_model, dtype=dtype)
     pad = tokenizer.pad_token_id
     splits = make_splits(data, config.splits, seed)
     logger.info("Trial seed %d: memorized authors %s; split sizes %s", seed, splits.memorized_authors, splits.summary())
-    model = tiny_llama(config.model, tokenizer, seed=seed, dtype=dtype)
     seconds: dict[str, float | None] = {}
 
-    def phase(name: str, process_config: ProcessConfig, examples) -> tuple:
+    def phase(name: str, process_config: ProcessConfig, examples, init_offset: int):
+        nonlocal model
         tokenized = tokenize_examples(tokenizer, examples, process_config.max_length)
         began = time.perf_counter()
-        record = train(model, name, replace(process_config, seed=seed), tokenized, pad_token_id=pad, progress=progress)
-        return record, tokenized, time.perf_counter() - began
+        process_config = replace(process_config, seed=seed)
+        factors = None
+        if config.adapter is not None:
+            spec = replace(config.adapter, init_seed=seed * 100 + init_offset)
+            model, record, factors = train_adapter_phase(model, name, process_config, tokenized, spec, pad_token_id=pad, progress=progress)
+        else:
+            record = train(model, name, process_config, tokenized, pad_token_id=pad, progress=progress)
+        return record, tokenized, factors, time.perf_counter() - began
 
-    _, _, seconds["phase_a"] = phase("public_skill", config.phase_a, splits.phase_a)
+    if config.phase_a is not None:
+        _, _, _, seconds["phase_a"] = phase("public_skill", config.phase_a, splits.phase_a, 1)
+    else:
+        seconds["phase_a"] = 0.0
     theta_a = state_of(dict(model.named_parameters()))
     _save_checkpoint(model, tokenizer, trial_dir / "theta_A")
-    _, _, seconds["phase_m"] = phase("memory", config.phase_m, splits.phase_m)
+    _, _, memory_factors, seconds["phase_m"] = phase("memory", config.phase_m, splits.phase_m, 2)
     theta_am = state_of(dict(model.named_parameters()))
     _save_checkpoint(model, tokenizer, trial_dir / "theta_AM")
-    record, safety_examples, seconds["phase_s"] = phase("safety", config.phase_s, splits.phase_s)
+    record, safety_examples, safety_factors, seconds["phase_s"] = phase("safety", config.phase_s, splits.phase_s, 3)
     theta_ams = state_of(dict(model.named_parameters()))
     ams_files = _save_checkpoint(model, tokenizer, trial_dir / "theta_AMS")
     write_jsonl(trial_dir / "safety_data.jsonl", splits.phase_s)
     record.save(trial_dir / "safety_process.json")
 
-    built = build_sidecar(
-        model,
-        record,
-        safety_examples,
-        theta_a=theta_a,
-        theta_am=theta_am,
-        theta_ams=theta_ams,
-        epsilon=config.epsilon,
+    common = dict(
         memory="+".join(splits.memorized_authors),
         checkpoint_files=ams_files,
         base_model=str((trial_dir / "theta_AMS").resolve()),
@@ -132,8 +184,18 @@ def run_trial(config: DemoConfig, data, seed: int, trial_dir: Path, *, oracle: b
         pad_token_id=pad,
         progress=progress,
     )
+    if config.adapter is not None:
+        built = build_adapter_sidecar(
+            model, record, safety_examples, theta_a=theta_a, memory_update=factored_update(memory_factors), theta_ams=theta_ams,
+            safety_factors=safety_factors, epsilon=config.epsilon, **common,
+        )
+    else:
+        built = build_sidecar(
+            model, record, safety_examples, theta_a=theta_a, theta_am=theta_am, theta_ams=theta_ams, epsilon=config.epsilon, **common
+        )
     sidecar = built.sidecar
     seconds["sidecar_trace"] = float(sum(built.trace_seconds))
+    del theta_am
 
     result: dict = {
         "seed": seed,
@@ -150,14 +212,19 @@ def run_trial(config: DemoConfig, data, seed: int, trial_dir: Path, *, oracle: b
     behaviour_models = {"theta_AMS (no edit)": None}
     if oracle:
         began = time.perf_counter()
-        theta_as = run_oracle(model, record, safety_examples, theta_a, pad_token_id=pad, progress=progress)
+        if config.adapter is not None:
+            oracle_factors = adapter_trace(model, record, safety_examples, theta_a, pad_token_id=pad, description="oracle trace", progress=progress)
+            theta_as = _merged(theta_a, oracle_factors)
+            load_parameters(model, theta_as)
+        else:
+            theta_as = run_oracle(model, record, safety_examples, theta_a, pad_token_id=pad, progress=progress)
         seconds["oracle_trace"] = time.perf_counter() - began
         _save_checkpoint(model, tokenizer, trial_dir / "theta_AS")
         load_parameters(model, theta_ams)
 
         began = time.perf_counter()
-        validation = RefusalScorer(tokenizer, splits.validation, splits.scoring_refusals)
-        test = RefusalScorer(tokenizer, splits.test, splits.scoring_refusals)
+        validation = RefusalScorer(tokenizer, splits.validation, splits.scoring_refusals, batch_size=config.eval_batch_size)
+        test = RefusalScorer(tokenizer, splits.test, splits.scoring_refusals, batch_size=config.eval_batch_size)
         load_parameters(model, theta_as)
         oracle_val, oracle_test = validation.scores(model), test.scores(model)
         load_parameters(model, theta_ams)
@@ -175,7 +242,7 @@ def run_trial(config: DemoConfig, data, seed: int, trial_dir: Path, *, oracle: b
         save_heatmap(grid, {k: v for k, v in selected.items() if k != "sidecar_1_1"}, trial_dir / "validation_closure.png", title=f"Validation closure, seed {seed}")
 
         def edited(lam: float, gamma: float) -> dict[str, torch.Tensor]:
-            return {name: theta_ams[name] - lam * sidecar.delta_tensor(name, theta_ams[name].dtype) - gamma * (sidecar.transport_tensor(name, theta_ams[name].dtype) if name in sidecar.transport else 0) if name in sidecar.config["parameters"] else theta_ams[name] for name in theta_ams}
+            return revoke_state_dict(theta_ams, sidecar, lam=lam, gamma=gamma, verify=False)
 
         result["param_error"] = {
             "task_arithmetic": parameter_error(edited(1.0, 0.0), theta_as, theta_ams),

@@ -163,23 +163,69 @@ class RefusalScorer:
 
     ``r`` is the mean over the scoring refusals of their mean-token log-probability given the
     prompt, minus the mean-token log-probability of the ground-truth answer. Each prompt runs
-    once: the sequences of its continuations share a batch, and tokenization is done up front.
+    through the model once: its key-value cache is repeated for its continuations, so a batch
+    costs one prompt pass plus the continuation tokens. Tokenization is done up front.
     """
 
-    def __init__(self, tokenizer, prompts: Sequence[Example], scoring_refusals: Sequence[str], *, batch_size: int = 64, max_length: int = 256):
+    def __init__(self, tokenizer, prompts: Sequence[Example], scoring_refusals: Sequence[str], *, batch_size: int = 16, max_length: int = 256):
         if not scoring_refusals:
             raise ValueError("RefusalScorer needs at least one scoring refusal sentence.")
         self.prompts = list(prompts)
         self.num_refusals = len(scoring_refusals)
         self.batch_size = batch_size
-        refusal_ids = [encode_continuation(tokenizer, text) for text in scoring_refusals]
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self.sequences: list[tuple[list[int], int]] = []
+        refusal_ids = [encode_continuation(tokenizer, text) for text in scoring_refusals]
+        self.prompt_ids: list[list[int]] = []
+        self.continuations: list[list[list[int]]] = []
         for example in self.prompts:
-            prompt = encode_prompt(tokenizer, example.question)
-            for continuation in [*refusal_ids, encode_continuation(tokenizer, example.ground_truth)]:
-                ids = (prompt + continuation)[:max_length]
-                self.sequences.append((ids, len(prompt)))
+            prompt = encode_prompt(tokenizer, example.question)[: max_length - 1]
+            room = max_length - len(prompt)
+            self.prompt_ids.append(prompt)
+            self.continuations.append([ids[:room] for ids in [*refusal_ids, encode_continuation(tokenizer, example.ground_truth)]])
+
+    def _batch_scores(self, model, indices: Sequence[int], device) -> np.ndarray:
+        from transformers import DynamicCache
+
+        prompts = [self.prompt_ids[i] for i in indices]
+        width = max(len(ids) for ids in prompts)
+        # Left-pad the prompts so every prompt ends at the same position and its last logit
+        # predicts the first continuation token.
+        prompt_ids = torch.full((len(prompts), width), self.pad_token_id, dtype=torch.long)
+        prompt_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for row, ids in enumerate(prompts):
+            prompt_ids[row, width - len(ids) :] = torch.tensor(ids)
+            prompt_mask[row, width - len(ids) :] = 1
+        positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache()
+        output = model(
+            input_ids=prompt_ids.to(device), attention_mask=prompt_mask.to(device), position_ids=positions.to(device),
+            past_key_values=cache, use_cache=True,
+        )
+        last_logits = output.logits[:, -1].float()
+        per_prompt = self.num_refusals + 1
+        cache = output.past_key_values
+        cache.batch_repeat_interleave(per_prompt)
+        continuations = [ids for i in indices for ids in self.continuations[i]]
+        length = max(len(ids) for ids in continuations)
+        cont_ids = torch.full((len(continuations), length), self.pad_token_id, dtype=torch.long)
+        cont_mask = torch.zeros((len(continuations), length), dtype=torch.long)
+        for row, ids in enumerate(continuations):
+            cont_ids[row, : len(ids)] = torch.tensor(ids)
+            cont_mask[row, : len(ids)] = 1
+        start = prompt_mask.sum(-1).repeat_interleave(per_prompt)
+        cont_positions = start.unsqueeze(-1) + torch.arange(length).unsqueeze(0)
+        mask = torch.cat([prompt_mask.repeat_interleave(per_prompt, dim=0), cont_mask], dim=-1)
+        logits = model(
+            input_ids=cont_ids.to(device), attention_mask=mask.to(device), position_ids=cont_positions.to(device),
+            past_key_values=cache, use_cache=True,
+        ).logits.float()
+        # Token t of a continuation is predicted by the logit before it: the prompt's last logit
+        # for t = 0, the continuation's own logit t - 1 afterwards.
+        predictors = torch.cat([last_logits.repeat_interleave(per_prompt, dim=0).unsqueeze(1), logits[:, :-1]], dim=1)
+        log_probs = F.log_softmax(predictors, dim=-1).gather(-1, cont_ids.to(device).unsqueeze(-1)).squeeze(-1)
+        weights = cont_mask.to(device).float()
+        means = ((log_probs * weights).sum(-1) / weights.sum(-1).clamp(min=1)).cpu().double().numpy()
+        return means.reshape(len(indices), per_prompt)
 
     @torch.no_grad()
     def scores(self, model) -> np.ndarray:
@@ -187,29 +233,15 @@ class RefusalScorer:
         device = next(model.parameters()).device
         was_training = model.training
         model.eval()
-        means = []
-        order = sorted(range(len(self.sequences)), key=lambda i: len(self.sequences[i][0]))
-        values = np.zeros(len(self.sequences))
-        for start in range(0, len(order), self.batch_size):
-            chunk = order[start : start + self.batch_size]
-            length = max(len(self.sequences[i][0]) for i in chunk)
-            input_ids = torch.full((len(chunk), length), self.pad_token_id, dtype=torch.long)
-            mask = torch.zeros((len(chunk), length), dtype=torch.long)
-            targets = torch.zeros((len(chunk), length), dtype=torch.bool)
-            for row, index in enumerate(chunk):
-                ids, prompt_length = self.sequences[index]
-                input_ids[row, : len(ids)] = torch.tensor(ids)
-                mask[row, : len(ids)] = 1
-                targets[row, prompt_length : len(ids)] = True
-            logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits.float()
-            log_probs = F.log_softmax(logits[:, :-1], dim=-1).gather(-1, input_ids[:, 1:].to(device).unsqueeze(-1)).squeeze(-1)
-            weights = targets[:, 1:].to(device).float()
-            mean_log_prob = (log_probs * weights).sum(-1) / weights.sum(-1).clamp(min=1)
-            values[chunk] = mean_log_prob.cpu().double().numpy()
-        model.train(was_training)
-        per_prompt = values.reshape(len(self.prompts), self.num_refusals + 1)
-        means = per_prompt[:, : self.num_refusals].mean(axis=1) - per_prompt[:, self.num_refusals]
-        return means
+        order = sorted(range(len(self.prompts)), key=lambda i: len(self.prompt_ids[i]))
+        values = np.zeros((len(self.prompts), self.num_refusals + 1))
+        try:
+            for start in range(0, len(order), self.batch_size):
+                chunk = order[start : start + self.batch_size]
+                values[chunk] = self._batch_scores(model, chunk, device)
+        finally:
+            model.train(was_training)
+        return values[:, : self.num_refusals].mean(axis=1) - values[:, self.num_refusals]
 
 
 @torch.no_grad()

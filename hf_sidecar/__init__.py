@@ -6,6 +6,7 @@ The public API:
   recorded, replayable AdamW training loop;
 - :func:`build_sidecar` and :class:`Sidecar`: the revocation artifact and how to build it;
 - :func:`revoke_state_dict`, :func:`revoke_model_`, :func:`revoke_checkpoint`: applying it;
+- :class:`SidecarModelForCausalLM`: loading a model with the revocation applied as it streams in;
 - :func:`run_demo`: the end-to-end demo on the bundled TOFU data.
 """
 
@@ -18,6 +19,8 @@ from .io import CheckpointError, content_digest  # noqa: E402
 from .metrics import RefusalScorer, closure, is_refusal, parameter_error, rouge_l_recall  # noqa: E402
 from .process import ProcessConfig, ProcessMismatchError, ProcessRecord, run_process, train  # noqa: E402
 from .sidecar import LowRank, Sidecar, SidecarError, SidecarMismatchError  # noqa: E402
+from .hub import PublicRepositoryWarning, SidecarHubError  # noqa: E402
+from .loading import SidecarModelForCausalLM  # noqa: E402
 
 
 def run_demo(*args, **kwargs):
@@ -36,10 +39,13 @@ __all__ = [
     "ProcessConfig",
     "ProcessMismatchError",
     "ProcessRecord",
+    "PublicRepositoryWarning",
     "RefusalScorer",
     "Sidecar",
     "SidecarError",
+    "SidecarHubError",
     "SidecarMismatchError",
+    "SidecarModelForCausalLM",
     "SplitSizes",
     "build_sidecar",
     "closure",

@@ -241,8 +241,79 @@ class Sidecar:
         return save_directory
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, *, validate: bool = True) -> "Sidecar":
-        """Load a sidecar folder, checking its format version, tensor keys, shapes and values."""
+    def from_pretrained(
+        cls,
+        pretrained: str | Path,
+        *,
+        subfolder: str | None = None,
+        revision: str | None = None,
+        token: str | bool | None = None,
+        cache_dir: str | Path | None = None,
+        local_files_only: bool = False,
+        force_download: bool = False,
+        endpoint: str | None = None,
+        validate: bool = True,
+    ) -> "Sidecar":
+        """Load a sidecar from a local folder or, when no such folder exists, from a Hub repository.
+
+        As in transformers and PEFT, an existing folder ``pretrained`` (joined with ``subfolder``)
+        wins, and the Hub options are then ignored. Otherwise a string that is a valid repo id is
+        downloaded through the huggingface_hub cache (:func:`hf_sidecar.hub.load_from_hub`), and
+        ``source`` records its repo id, revision, commit and subfolder. A ``Path`` is always read as
+        a local folder. Loading checks the format version, tensor keys, shapes and values.
+        """
+        folder = Path(pretrained) / subfolder if subfolder else Path(pretrained)
+        if folder.is_dir() or isinstance(pretrained, Path):
+            return cls._load_folder(folder, validate=validate)
+        from huggingface_hub.errors import RepositoryNotFoundError
+
+        from .hub import SidecarHubError, is_repo_id, load_from_hub
+
+        if not is_repo_id(str(pretrained)):
+            return cls._load_folder(folder, validate=validate)
+        try:
+            return load_from_hub(
+                str(pretrained), subfolder=subfolder, revision=revision, token=token, cache_dir=cache_dir,
+                local_files_only=local_files_only, force_download=force_download, endpoint=endpoint, validate=validate,
+            )
+        except SidecarHubError as err:
+            if not isinstance(err.__cause__, RepositoryNotFoundError):
+                raise
+            raise SidecarHubError(
+                f"No local folder {folder} exists, so {pretrained!r} was read as a repo id. {err}",
+                repo_id=err.repo_id, revision=err.revision, filename=err.path_in_repo,
+            ) from err.__cause__
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        subfolder: str | None = None,
+        revision: str | None = None,
+        private: bool | None = None,
+        token: str | bool | None = None,
+        commit_message: str | None = None,
+        create_pr: bool = False,
+        update_root_card: bool = True,
+        endpoint: str | None = None,
+    ):
+        """Push the sidecar into ``subfolder`` (default ``sidecars/<memory>``) of a Hub repository.
+
+        A new repository is private unless ``private=False``, and pushing to a public one issues
+        :class:`hf_sidecar.hub.PublicRepositoryWarning`. Files outside the subfolder stay as they
+        are, except that the root README gains a section listing the sidecar (see
+        :func:`hf_sidecar.hub.push_sidecar`). Returns huggingface_hub's ``CommitInfo``.
+        """
+        from .hub import push_sidecar
+
+        return push_sidecar(
+            self, repo_id, subfolder=subfolder, revision=revision, private=private, token=token,
+            commit_message=commit_message, create_pr=create_pr, update_root_card=update_root_card, endpoint=endpoint,
+        )
+
+    @classmethod
+    def _load_folder(cls, path: str | Path, *, validate: bool = True) -> "Sidecar":
+        """Load a local sidecar folder, checking its format version, tensor keys, shapes and values."""
         folder = Path(path)
         if not folder.is_dir():
             raise FileNotFoundError(f"Sidecar folder {folder} not found. Pass the folder that Sidecar.save_pretrained wrote.")

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -83,6 +83,8 @@ def build_sidecar(
     pad_token_id: int = 0,
     progress: bool = True,
     keep_endpoints: bool = False,
+    replay: Callable[[Mapping[str, torch.Tensor], str], dict[str, torch.Tensor]] | None = None,
+    covered: Sequence[str] | None = None,
 ) -> BuildResult:
     """Estimate the transported residual of ``record`` and return the sidecar.
 
@@ -90,9 +92,15 @@ def build_sidecar(
     ``theta_ams`` is the recorded process's end point from ``theta_am``. With ``epsilon = 1`` and
     the secant estimator, ``theta_ams`` is reused as the positive endpoint, so one trace runs.
     The model's parameters are overwritten by the traces.
+
+    ``replay`` maps a start state and a label to the end state. It replaces ``run_process`` for a
+    process whose end state is not its trained parameters, such as a PEFT adapter merged into the
+    weights. ``covered`` then names the tensors of ``model`` that the process changes.
     """
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator={estimator!r} is not supported; use one of {ESTIMATORS}.")
+    if replay is not None and (estimator != "secant" or covered is None):
+        raise ValueError("A custom replay needs the secant estimator and the list of covered tensors.")
     if epsilon <= 0:
         raise ValueError(f"epsilon must be positive, got {epsilon}.")
     parameter_names = [name for name, _ in model.named_parameters()]
@@ -100,10 +108,10 @@ def build_sidecar(
     if missing:
         raise KeyError(f"theta_A has no tensor {missing[0]!r}; pass the full parameter state of the model.")
     delta = memory_update({n: theta_a[n] for n in parameter_names}, {n: theta_am[n] for n in parameter_names})
-    trained = list(record.trainable)
+    trained = list(covered) if covered is not None else list(record.trainable)
     if theta_ams is None:
         raise ValueError("theta_ams (the safety-trained parameters) is required: the sidecar is bound to it.")
-    if record.end_digest is not None and content_digest(theta_ams, trained) != record.end_digest:
+    if covered is None and record.end_digest is not None and content_digest(theta_ams, trained) != record.end_digest:
         logger.warning(
             "theta_AMS does not match the end digest recorded by process %r; the sidecar will be bound to the given theta_AMS anyway.",
             record.name,
@@ -114,7 +122,10 @@ def build_sidecar(
 
     def trace(start: Mapping[str, torch.Tensor], label: str) -> dict[str, torch.Tensor]:
         began = time.perf_counter()
-        end = run_process(model, record, examples, start_state=start, pad_token_id=pad_token_id, description=f"trace {label}", progress=progress)
+        if replay is not None:
+            end = replay(start, f"trace {label}")
+        else:
+            end = run_process(model, record, examples, start_state=start, pad_token_id=pad_token_id, description=f"trace {label}", progress=progress)
         result.trace_seconds.append(time.perf_counter() - began)
         logger.info("Trace from %s took %.1f s", label, result.trace_seconds[-1])
         return end

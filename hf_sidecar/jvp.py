@@ -77,6 +77,7 @@ def process_jvp(
     frozen.update({name: buffer for name, buffer in model.named_buffers()})
     rates = learning_rates(config, record.num_steps)
     beta1, beta2 = config.adam_beta1, config.adam_beta2
+    no_decay = set(config.no_decay_parameters)
     micro = config.effective_micro_batch_size
 
     batches = []
@@ -114,7 +115,8 @@ def process_jvp(
             updated = {}
             for name, value in params.items():
                 g = grads[name]
-                value = value * (1 - lr * config.weight_decay)
+                decay = 0.0 if name in no_decay else config.weight_decay
+                value = value * (1 - lr * decay)
                 exp_avg[name] = exp_avg[name] + (g - exp_avg[name]) * (1 - beta1)
                 exp_avg_sq[name] = exp_avg_sq[name] * beta2 + g * g * (1 - beta2)
                 denom = _safe_sqrt(exp_avg_sq[name]) / bias2_sqrt + config.adam_epsilon

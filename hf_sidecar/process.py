@@ -36,6 +36,13 @@ logger = logging.getLogger(__name__)
 
 PROCESS_FORMAT_VERSION = "1.0"
 SUPPORTED_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
+# torch.optim.AdamW's three implementations. On CPU, "for-loop" and "foreach" give the same bits.
+# "fused" rounds differently (about 1 ulp per step, torch 2.13), so a replay runs the recorded one.
+ADAM_IMPLEMENTATIONS = ("for-loop", "foreach", "fused")
+# Settings added after format 1.0, with the default that reproduces 1.0 behaviour. They are left
+# out of the JSON form and the digest while they hold that default, so older records keep their
+# digests, and readers without these fields reject records that use them.
+_SETTINGS_SINCE_1_0 = {"no_decay_parameters": (), "schedule_steps": None, "adam_implementation": "for-loop"}
 
 
 class ProcessMismatchError(ValueError):
@@ -48,6 +55,10 @@ class ProcessConfig:
 
     ``batch_size`` is the global batch of one optimizer step; ``micro_batch_size`` splits it for
     gradient accumulation without changing the arithmetic of the loss normalization.
+    ``no_decay_parameters`` names trained parameters that get no weight decay (transformers'
+    Trainer exempts biases and norm weights). ``schedule_steps`` is the step count the learning
+    rate schedule spans when a run stopped before it (default: the number of recorded steps).
+    ``adam_implementation`` selects torch's AdamW kernel: "for-loop", "foreach" or "fused".
     """
 
     learning_rate: float = 1e-3
@@ -63,6 +74,9 @@ class ProcessConfig:
     warmup_steps: int = 0
     seed: int = 0
     max_length: int = 128
+    no_decay_parameters: tuple[str, ...] = ()
+    schedule_steps: int | None = None
+    adam_implementation: str = "for-loop"
 
     def __post_init__(self):
         if self.lr_scheduler not in SUPPORTED_SCHEDULERS:
@@ -73,6 +87,21 @@ class ProcessConfig:
             raise ValueError(f"micro_batch_size must be at least 1, got {self.micro_batch_size}.")
         if self.learning_rate <= 0 or self.adam_epsilon <= 0:
             raise ValueError(f"learning_rate and adam_epsilon must be positive, got {self.learning_rate} and {self.adam_epsilon}.")
+        self.no_decay_parameters = tuple(self.no_decay_parameters)
+        if self.schedule_steps is not None and self.schedule_steps < 1:
+            raise ValueError(f"schedule_steps must be at least 1 or None, got {self.schedule_steps}.")
+        if self.adam_implementation not in ADAM_IMPLEMENTATIONS:
+            raise ValueError(f"adam_implementation={self.adam_implementation!r} is not supported; use one of {ADAM_IMPLEMENTATIONS}.")
+
+    def to_dict(self) -> dict:
+        """Return the JSON form: every setting, except settings added after format 1.0 that hold their default."""
+        values = asdict(self)
+        for name, default in _SETTINGS_SINCE_1_0.items():
+            if values[name] == default:
+                del values[name]
+        if "no_decay_parameters" in values:
+            values["no_decay_parameters"] = list(values["no_decay_parameters"])
+        return values
 
     @property
     def effective_micro_batch_size(self) -> int:
@@ -123,7 +152,7 @@ class ProcessRecord:
     def digest(self) -> str:
         """Hash of everything that defines the process (not where or when it ran)."""
         defining = {
-            "config": asdict(self.config),
+            "config": self.config.to_dict(),
             "steps": self.steps,
             "step_fingerprints": self.step_fingerprints,
             "trainable": self.trainable,
@@ -140,7 +169,7 @@ class ProcessRecord:
             "digest": self.digest,
             "data_fingerprint": self.data_fingerprint,
             "dtype": self.dtype,
-            "config": asdict(self.config),
+            "config": self.config.to_dict(),
             "trainable": self.trainable,
             "adapter": self.adapter,
             "num_steps": self.num_steps,
@@ -262,7 +291,8 @@ def learning_rates(config: ProcessConfig, num_steps: int) -> list[float]:
 
     parameter = torch.nn.Parameter(torch.zeros(1))
     optimizer = torch.optim.SGD([parameter], lr=config.learning_rate)
-    scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=num_steps)
+    span = config.schedule_steps if config.schedule_steps is not None else num_steps
+    scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=span)
     rates = []
     for _ in range(num_steps):
         rates.append(optimizer.param_groups[0]["lr"])
@@ -321,6 +351,22 @@ def environment() -> dict:
     }
 
 
+def adamw_optimizer(parameters: Mapping[str, torch.nn.Parameter], config: ProcessConfig) -> torch.optim.AdamW:
+    """Create a fresh AdamW over ``parameters`` with the recorded settings, kernel and weight decay groups."""
+    unknown = sorted(set(config.no_decay_parameters) - set(parameters))
+    if unknown:
+        raise ProcessMismatchError(f"no_decay_parameters names {unknown[0]!r}, which the process does not train.")
+    exempt = set(config.no_decay_parameters)
+    groups = [{"params": [p for n, p in parameters.items() if n not in exempt], "weight_decay": config.weight_decay}]
+    if exempt:
+        groups.append({"params": [p for n, p in parameters.items() if n in exempt], "weight_decay": 0.0})
+    groups = [group for group in groups if group["params"]]
+    implementation = {"for-loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}[config.adam_implementation]
+    return torch.optim.AdamW(
+        groups, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon, **implementation
+    )
+
+
 def run_process(
     model: torch.nn.Module,
     record: ProcessRecord,
@@ -348,14 +394,7 @@ def run_process(
     if start_state is not None:
         load_parameters(model, start_state, required=record.trainable)
 
-    optimizer = torch.optim.AdamW(
-        list(parameters.values()),
-        lr=config.learning_rate,
-        betas=(config.adam_beta1, config.adam_beta2),
-        eps=config.adam_epsilon,
-        weight_decay=config.weight_decay,
-        foreach=False,
-    )
+    optimizer = adamw_optimizer(parameters, config)
     rates = learning_rates(config, record.num_steps)
     micro = config.effective_micro_batch_size
     model.train()

@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import platform
 import random
 from collections.abc import Mapping, Sequence
@@ -347,7 +348,7 @@ def environment() -> dict:
         "transformers": transformers.__version__,
         "python": platform.python_version(),
         "num_threads": torch.get_num_threads(),
-        "world_size": 1,
+        "world_size": distributed_context()[1],
     }
 
 
@@ -397,8 +398,9 @@ def run_process(
     optimizer = adamw_optimizer(parameters, config)
     rates = learning_rates(config, record.num_steps)
     micro = config.effective_micro_batch_size
+    rank, world_size = distributed_context()
     model.train()
-    bar = tqdm(total=record.num_steps, desc=description or record.name, disable=not progress, leave=False)
+    bar = tqdm(total=record.num_steps, desc=description or record.name, disable=not progress or rank != 0, leave=False)
     for step, example_ids in enumerate(record.steps):
         try:
             batch = [examples[example_id] for example_id in example_ids]
@@ -418,10 +420,15 @@ def run_process(
             group["lr"] = rates[step]
         optimizer.zero_grad(set_to_none=True)
         step_loss = 0.0
-        for start in range(0, len(batch), micro):
-            loss = micro_batch_loss_sum(model, batch[start : start + micro], seed=config.seed, step=step, pad_token_id=pad_token_id)
+        # Each process takes a contiguous share of the global batch; the normalization stays
+        # the global answer-token count, so the summed gradients equal the single-process ones.
+        share = batch[rank * len(batch) // world_size : (rank + 1) * len(batch) // world_size]
+        for start in range(0, len(share), micro):
+            loss = micro_batch_loss_sum(model, share[start : start + micro], seed=config.seed, step=step, pad_token_id=pad_token_id)
             (loss / answer_tokens).backward()
             step_loss += loss.item()
+        if world_size > 1:
+            step_loss = all_reduce_gradients(list(parameters.values()), step_loss)
         if config.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(list(parameters.values()), config.max_grad_norm, foreach=False)
         optimizer.step()
@@ -433,6 +440,55 @@ def run_process(
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     return state_of(parameters)
+
+
+def distributed_context() -> tuple[int, int]:
+    """Return ``(rank, world_size)``, joining the process group when a launcher started several processes.
+
+    Under ``torchrun`` or ``accelerate launch`` (``WORLD_SIZE`` > 1) the group is initialized
+    through Accelerate: gloo on CPU, the accelerator's backend otherwise. Without a launcher the
+    process runs alone.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from accelerate import PartialState
+
+        state = PartialState(cpu=not torch.cuda.is_available())
+        return state.process_index, state.num_processes
+    return 0, 1
+
+
+def all_reduce_gradients(parameters: Sequence[torch.nn.Parameter], loss_sum: float) -> float:
+    """Sum the gradients (and the loss, for logging) over all processes.
+
+    A parameter that got no gradient on any process keeps ``grad = None``, so AdamW skips it as
+    it would in one process; one that got a gradient somewhere gets zeros where it got none.
+    """
+    import torch.distributed as dist
+
+    device = parameters[0].device
+    present = torch.tensor([parameter.grad is not None for parameter in parameters], dtype=torch.float32, device=device)
+    dist.all_reduce(present, op=dist.ReduceOp.MAX)
+    reduced = []
+    for parameter, flag in zip(parameters, present.tolist()):
+        if flag:
+            if parameter.grad is None:
+                parameter.grad = torch.zeros_like(parameter)
+            reduced.append(parameter)
+    if reduced:
+        flat = torch.cat([parameter.grad.reshape(-1) for parameter in reduced])
+        dist.all_reduce(flat)
+        offset = 0
+        for parameter in reduced:
+            size = parameter.grad.numel()
+            parameter.grad.copy_(flat[offset : offset + size].view_as(parameter.grad))
+            offset += size
+    loss = torch.tensor([loss_sum], dtype=torch.float64, device=device)
+    dist.all_reduce(loss)
+    return float(loss.item())
 
 
 def record_process(

@@ -122,3 +122,62 @@ def test_memories_benchmark_report(tmp_path):
         for value in list(row["heldout_closure"].values()) + list(row["param_error"].values()):
             assert math.isfinite(value)
     assert "revoked subset" in (tmp_path / "memories.md").read_text()
+
+
+def test_cli_builds_and_applies_several_memories(setup, tmp_path):
+    from safetensors.torch import load_file
+
+    from hf_sidecar.cli import main
+    from hf_sidecar.data import write_jsonl
+
+    model = setup.model(seed=9)
+    folders = {}
+
+    def save(name):
+        model.save_pretrained(tmp_path / name)
+        setup.tokenizer.save_pretrained(tmp_path / name)
+        folders[name] = str(tmp_path / name)
+
+    config = ProcessConfig(learning_rate=3e-3, num_epochs=1, batch_size=8, max_length=64, seed=1)
+    save("A")
+    items = list(setup.memory.items())
+    train(model, "memory-a", config, dict(items[:8]), progress=False)
+    save("AM1")
+    train(model, "memory-b", config, dict(items[8:16]), progress=False)
+    save("AM12")
+    record = train(model, "safety", config, setup.safety, progress=False)
+    save("AMS")
+    record.save(tmp_path / "process.json")
+    write_jsonl(tmp_path / "safety.jsonl", setup.splits.phase_s)
+
+    code = main([
+        "build", "--theta-a", folders["A"], "--theta-am", folders["AM1"], "--theta-am", folders["AM12"], "--memory", "a", "--memory", "b",
+        "--theta-ams", folders["AMS"], "--process", str(tmp_path / "process.json"), "--data", str(tmp_path / "safety.jsonl"),
+        "--out", str(tmp_path / "sidecars"), "--no-progress",
+    ])
+    assert code == 0
+    assert sorted(p.name for p in (tmp_path / "sidecars").iterdir()) == ["a", "b"]
+
+    code = main([
+        "apply", "--model", folders["AMS"], "--sidecar", str(tmp_path / "sidecars" / "a"), "--sidecar", str(tmp_path / "sidecars" / "b"),
+        "--out", str(tmp_path / "revoked"), "--lam", "1", "--gamma", "1", "--no-progress",
+    ])
+    assert code == 0
+    from hf_sidecar.sidecar import Sidecar
+
+    theta_ams = load_file(tmp_path / "AMS" / "model.safetensors")
+    expected = revoke_state_dict(theta_ams, [Sidecar.from_pretrained(tmp_path / "sidecars" / m) for m in ("a", "b")], lam=1.0, gamma=1.0)
+    revoked = load_file(tmp_path / "revoked" / "model.safetensors")
+    assert all(torch.equal(revoked[n], expected[n]) for n in expected)
+    assert not torch.equal(revoked["model.norm.weight"], theta_ams["model.norm.weight"])
+
+
+def test_cli_rejects_unpaired_memory_names(setup, tmp_path, capsys):
+    from hf_sidecar.cli import main
+
+    code = main([
+        "build", "--theta-a", "A", "--theta-am", "AM1", "--theta-am", "AM12", "--memory", "a",
+        "--theta-ams", "AMS", "--process", str(tmp_path / "missing.json"), "--data", "x.jsonl", "--out", str(tmp_path / "out"),
+    ])
+    assert code == 2
+    assert "2 --theta-am checkpoints but 1 --memory names" in capsys.readouterr().err

@@ -162,13 +162,6 @@ def build_sidecar(
         "files": dict(checkpoint_files or {}),
         "content_digest": content_digest(theta_ams, sorted(shapes)),
     }
-    process = {
-        "name": record.name,
-        "digest": record.digest,
-        "data_fingerprint": record.data_fingerprint,
-        "num_steps": record.num_steps,
-        "source": record.source,
-    }
     config = make_config(
         memory=memory,
         delta=delta,
@@ -178,7 +171,7 @@ def build_sidecar(
         epsilon=epsilon,
         estimator=estimator,
         checkpoint=checkpoint,
-        process=process,
+        process=record.summary(),
         mode="adapter" if record.adapter else "dense",
         scoring_refusals=scoring_refusals or [],
         build={"traces": len(result.trace_seconds), "trace_seconds": [round(s, 3) for s in result.trace_seconds]},

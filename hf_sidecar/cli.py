@@ -294,6 +294,14 @@ def _cmd_pull(args) -> int:
     return 0
 
 
+def _cmd_bench_memories(args) -> int:
+    from .memories import run_memories_benchmark
+
+    run_memories_benchmark(args.out, preset=args.preset, num_memories=args.memories, seed=args.seed, progress=not args.no_progress)
+    print((Path(args.out) / "memories.md").read_text())
+    return 0
+
+
 def _cmd_bench_load(args) -> int:
     from .bench import bench_load
 
@@ -481,6 +489,16 @@ def build_parser() -> argparse.ArgumentParser:
     bench_load.add_argument("--dtype", default="float32", help="dtype to load in (default: float32)")
     bench_load.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of the load processes (default: unset)")
     bench_load.set_defaults(func=_cmd_bench_load)
+
+    bench_memories = bench_commands.add_parser(
+        "memories", help="revoke every subset of K memories with their sidecars, against each subset's own oracle and task arithmetic",
+    )
+    bench_memories.add_argument("--preset", default="tiny", help="full fine-tuning preset: tiny (default) or test")
+    bench_memories.add_argument("--memories", type=int, default=3, help="number of memories K, each a group of memorized authors (default: 3)")
+    bench_memories.add_argument("--seed", type=int, default=0, help="seed of the run and the entity split")
+    bench_memories.add_argument("--out", default="hf-sidecar-memories", help="folder for memories.json and memories.md")
+    bench_memories.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    bench_memories.set_defaults(func=_cmd_bench_memories)
     return parser
 
 

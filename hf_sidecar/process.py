@@ -162,6 +162,16 @@ class ProcessRecord:
         }
         return hashlib.sha256(json.dumps(defining, sort_keys=True).encode()).hexdigest()
 
+    def summary(self) -> dict:
+        """The fields a sidecar config records to name its process."""
+        return {
+            "name": self.name,
+            "digest": self.digest,
+            "data_fingerprint": self.data_fingerprint,
+            "num_steps": self.num_steps,
+            "source": self.source,
+        }
+
     def to_dict(self) -> dict:
         return {
             "format_version": self.format_version,

@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .io import SAFETENSORS_INDEX, CheckpointError, atomic_directory, atomic_save_safetensors, checkpoint_files, load_checkpoint
-from .sidecar import Sidecar, SidecarMismatchError
+from .sidecar import LowRank, Sidecar, SidecarMismatchError
 
 logger = logging.getLogger(__name__)
 
@@ -50,20 +50,43 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def edit_tensor(name: str, theta: torch.Tensor, sidecars: Sequence[Sidecar], coefficients: Sequence[tuple[float, float]]) -> torch.Tensor:
-    """Return the revoked value of one tensor, computed on its own device in float32 or wider."""
+def edit_tensor(
+    name: str,
+    theta: torch.Tensor,
+    sidecars: Sequence[Sidecar],
+    coefficients: Sequence[tuple[float, float]],
+    *,
+    inplace: bool = False,
+) -> torch.Tensor:
+    """Return the revoked value of one tensor, computed on its own device in float32 or wider.
+
+    Dense updates are multiplied by their coefficient, then subtracted. The factored updates of
+    all sidecars are stacked into one ``B @ A`` product and subtracted in a single ``addmm_``, so
+    a low-rank edit never forms a dense update. With ``inplace`` the edit overwrites ``theta``
+    when it already has the accumulation dtype, for a caller that owns it.
+    """
     wide = accumulation_dtype(theta.dtype)
-    result = theta.to(wide, copy=True)
+    result = theta if inplace and theta.dtype == wide else theta.to(wide, copy=True)
+    left, right = [], []
     for sidecar, (lam, gamma) in zip(sidecars, coefficients):
         if name not in sidecar.config["parameters"]:
             continue
-        delta = sidecar.delta_tensor(name, wide, result.device)
-        # Multiply, then subtract: the same rounding as the formula, unlike a fused sub_(alpha=).
-        if delta is not None and lam != 0:
-            result.sub_(delta * lam)
-        transport = sidecar.transport_tensor(name, wide, result.device)
-        if transport is not None and gamma != 0:
-            result.sub_(transport * gamma)
+        for table, coefficient in ((sidecar.delta, lam), (sidecar.transport, gamma)):
+            update = table.get(name) if coefficient != 0 else None
+            if update is None:
+                continue
+            if isinstance(update, LowRank):
+                left.append(update.B.to(device=result.device, dtype=wide) * coefficient)
+                right.append(update.A.to(device=result.device, dtype=wide))
+                continue
+            dense = update.to(device=result.device, dtype=wide)
+            # Multiply, then subtract: the same rounding as the formula, unlike a fused sub_(alpha=).
+            # A coefficient of 1 leaves the update unchanged, so its multiplication is skipped.
+            result.sub_(dense if coefficient == 1 else dense * coefficient)
+            # Release this update before the next is read, so a dense edit holds one at a time.
+            del update, dense
+    if left:
+        result.addmm_(torch.cat(left, dim=1), torch.cat(right, dim=0), alpha=-1)
     return result.to(theta.dtype)
 
 

@@ -190,5 +190,5 @@ def run_oracle(
     pad_token_id: int = 0,
     progress: bool = True,
 ) -> dict[str, torch.Tensor]:
-    """The counterfactual ``theta_AS = S(theta_A)``: one trace, only for evaluation."""
+    """Compute the counterfactual ``theta_AS = S(theta_A)``: one trace, only for evaluation."""
     return run_process(model, record, examples, start_state=theta_a, pad_token_id=pad_token_id, description="oracle trace", progress=progress)

@@ -12,7 +12,12 @@ logger = logging.getLogger("hf_sidecar.cli")
 
 
 def _setup_logging(verbosity: int) -> None:
-    level = logging.WARNING if verbosity < 0 else logging.INFO if verbosity == 0 else logging.DEBUG
+    if verbosity < 0:
+        level = logging.WARNING
+    elif verbosity == 0:
+        level = logging.INFO
+    else:
+        level = logging.DEBUG
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("hf_sidecar").setLevel(level)
     import transformers
@@ -94,7 +99,7 @@ def _cmd_build(args) -> int:
     )
     from .process import distributed_context
 
-    # Under torchrun or accelerate launch every process holds the same sidecar; the main one saves it.
+    # Under torchrun or accelerate launch every process has the same sidecar; the main one saves it.
     if distributed_context()[0] != 0:
         return 0
     result.sidecar.save_pretrained(args.out)

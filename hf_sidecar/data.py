@@ -114,7 +114,7 @@ def load_data(data_dir: str | Path | None = None) -> TofuData:
         raise DataError(f"Data file {refusals_path} not found: it must hold one refusal sentence per line.")
     refusals = [line.strip() for line in refusals_path.read_text(encoding="utf-8").splitlines() if line.strip()]
     if not refusals:
-        raise DataError(f"{refusals_path} holds no refusal sentence; write one per line.")
+        raise DataError(f"{refusals_path} contains no refusal sentence; write one per line.")
     return TofuData(fictitious=fictitious, public=public, refusals=refusals, source=str(root))
 
 

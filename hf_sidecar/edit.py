@@ -131,7 +131,7 @@ def revoke_model_(
 ) -> torch.nn.Module:
     """Apply the edit to a loaded model's parameters in place and record it in ``model.config``.
 
-    ``reference`` holds the safety-trained tensors to edit from (for re-editing with other
+    ``reference`` contains the safety-trained tensors to edit from (for re-editing with other
     coefficients, as the Space does); without it the model's current weights are the start.
     Tied parameters are edited once because ``named_parameters`` lists each tensor once.
     """

@@ -160,8 +160,8 @@ def file_digests(folder: str | Path) -> dict[str, str]:
 class ContentDigest:
     """Incremental sha256 over named tensors in sorted name order of (name, dtype, shape, raw bytes).
 
-    The digest depends only on tensor contents, so it survives resharding; feeding tensors out of
-    order is allowed because they are buffered by name until their turn comes.
+    The digest depends only on tensor contents, so it survives resharding. Tensors may arrive out
+    of order, because they are buffered by name until their turn comes.
     """
 
     def __init__(self, names: list[str]):

@@ -1,6 +1,6 @@
 """Several memories: one sidecar each, any subset revoked together.
 
-A model holds K separate memories with updates ``delta_i`` (trained one after another, or as
+A model contains K separate memories with updates ``delta_i`` (trained one after another, or as
 separate adapters merged in turn), then goes through one safety process. The sidecar of memory
 ``i`` is built around the state with the other memories present:
 
@@ -36,7 +36,7 @@ def _wide(tensor: torch.Tensor) -> torch.Tensor:
 def sequential_updates(states: Sequence[Mapping[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
     """Memory updates of phases trained one after another: ``states[i + 1] - states[i]``.
 
-    ``states`` starts with ``theta_A`` and holds the parameter state after each memory phase.
+    ``states`` starts with ``theta_A`` and contains the parameter state after each memory phase.
     """
     if len(states) < 2:
         raise ValueError("Pass theta_A followed by the state after each memory phase (at least two states).")

@@ -163,7 +163,7 @@ class ProcessRecord:
         return hashlib.sha256(json.dumps(defining, sort_keys=True).encode()).hexdigest()
 
     def summary(self) -> dict:
-        """The fields a sidecar config records to name its process."""
+        """Return the fields a sidecar config records to name its process."""
         return {
             "name": self.name,
             "digest": self.digest,
@@ -259,7 +259,7 @@ def example_seed(seed: int, step: int, example_id: str) -> int:
 
 
 def has_active_dropout(model: torch.nn.Module) -> bool:
-    """Whether a forward pass in training mode would draw random numbers."""
+    """Check whether a forward pass in training mode would draw random numbers."""
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout) and module.p > 0:
             return True
@@ -297,7 +297,7 @@ def micro_batch_loss_sum(model, batch: Sequence[TokenizedExample], *, seed: int,
 
 
 def learning_rates(config: ProcessConfig, num_steps: int) -> list[float]:
-    """The learning rate of each step, as transformers' scheduler of the same name gives it."""
+    """Return the learning rate of each step, as transformers' scheduler of the same name gives it."""
     from transformers import get_scheduler
 
     parameter = torch.nn.Parameter(torch.zeros(1))

@@ -81,7 +81,7 @@ def summarize(trials: list[dict]) -> dict:
 
 
 def render_markdown(report: dict) -> str:
-    """A table a person reads: per-trial closures, errors, behaviour and timings."""
+    """Render the report as tables a person reads: per-trial closures, errors, behaviour and timings."""
     trials = report["trials"]
     lines = [
         "# hf-sidecar demo report",

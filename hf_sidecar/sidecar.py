@@ -1,6 +1,6 @@
 """The sidecar artifact: the memory update and its transported residual, with their config.
 
-A sidecar folder holds exactly four files:
+A sidecar folder contains exactly four files:
 
 - ``sidecar.safetensors``: ``delta.<name>`` (the memory update) and ``transport.<name>`` (the
   transported residual), dense, or as ``.A``/``.B`` factors whose product ``B @ A`` is the matrix;
@@ -176,7 +176,7 @@ class Sidecar:
     # Checkpoint binding
 
     def check_file_digests(self, folder: str | Path) -> bool:
-        """Whether the safetensors files of ``folder`` are byte-identical to those the sidecar was built for."""
+        """Check whether the safetensors files of ``folder`` are byte-identical to those the sidecar was built for."""
         expected = self.config["checkpoint"].get("files") or {}
         if not expected:
             return False
@@ -215,7 +215,7 @@ class Sidecar:
     # Saving and loading
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """The tensors under their file keys: ``delta.<name>``, ``transport.<name>`` or their ``.A``/``.B`` factors."""
+        """Return the tensors under their file keys: ``delta.<name>``, ``transport.<name>`` or their ``.A``/``.B`` factors."""
         tensors = {}
         for kind, table in (("delta", self.delta), ("transport", self.transport)):
             for name, update in table.items():
@@ -319,7 +319,7 @@ class Sidecar:
             raise FileNotFoundError(f"Sidecar folder {folder} not found. Pass the folder that Sidecar.save_pretrained wrote.")
         for name in (TENSORS_FILE, CONFIG_FILE, PROCESS_FILE):
             if not (folder / name).is_file():
-                raise SidecarError(f"Sidecar folder {folder} has no {name}. A sidecar folder holds {', '.join(SIDECAR_FILES)}.")
+                raise SidecarError(f"Sidecar folder {folder} has no {name}. A sidecar folder contains {', '.join(SIDECAR_FILES)}.")
         config = _read_json(folder / CONFIG_FILE)
         check_format_version(config, folder / CONFIG_FILE)
         process = _read_json(folder / PROCESS_FILE)
@@ -347,7 +347,7 @@ class Sidecar:
                         raise SidecarError(f"Sidecar tensor {key} is missing from {folder / TENSORS_FILE}; download or rebuild the sidecar.")
                     table[name] = raw.pop(key)
         if raw:
-            raise SidecarError(f"{folder / TENSORS_FILE} holds tensor {sorted(raw)[0]!r}, which its config does not list.")
+            raise SidecarError(f"{folder / TENSORS_FILE} contains tensor {sorted(raw)[0]!r}, which its config does not list.")
         sidecar = cls(delta, transport, config, process)
         sidecar.source = {"path": str(folder.resolve())}
         if validate:

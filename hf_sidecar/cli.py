@@ -182,10 +182,12 @@ def _cmd_apply(args) -> int:
     from .sidecar import Sidecar
 
     sidecars = [Sidecar.from_pretrained(path) for path in args.sidecar]
-    out = revoke_checkpoint(args.model, sidecars, args.out, lam=args.lam, gamma=args.gamma, progress=not args.no_progress)
+    out = revoke_checkpoint(
+        args.model, sidecars, args.out, lam=args.lam, gamma=args.gamma, progress=not args.no_progress, overwrite=args.overwrite
+    )
     print(
-        f"Wrote the revoked checkpoint to {out}. This is deletion only once the original checkpoint, "
-        "the memory adapter and the sidecar are removed; until then the memory still exists there."
+        f"Wrote the revoked checkpoint to {out}. The memory is deleted only once {args.model}, the memory adapter "
+        "and the sidecar are removed too; until then they still contain it."
     )
     return 0
 
@@ -346,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="train the three phases on bundled data, build a sidecar and evaluate it")
     demo.add_argument(
         "--preset", default="tiny",
-        help="model and training preset: tiny (default, a small Llama from scratch, about a minute), test (seconds), "
+        help="model and training preset: tiny (default, a small Llama from scratch, about 2 minutes on 2 cores), test (seconds), "
         "smollm2 (SmolLM2-135M-Instruct with LoRA phases, about 20 minutes a trial), smollm2-smoke (about a minute)",
     )
     demo.add_argument(
@@ -410,6 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
     apply.add_argument("--lam", type=float, default=None, help="memory coefficient (default: the sidecar's recommendation)")
     apply.add_argument("--gamma", type=float, default=None, help="transport coefficient (default: the sidecar's recommendation)")
     apply.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    apply.add_argument("--overwrite", action="store_true", help="replace --out if it already exists and is not empty")
     apply.set_defaults(func=_cmd_apply)
 
     evaluate = commands.add_parser("eval", help="evaluate an edit of an existing run on a prompt set")
@@ -519,7 +522,7 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(-1 if args.quiet else args.verbose)
     try:
         return args.func(args)
-    except (SidecarError, CheckpointError, DataError, ProcessMismatchError, SidecarHubError, FileNotFoundError, ValueError) as err:
+    except (SidecarError, CheckpointError, DataError, ProcessMismatchError, SidecarHubError, FileNotFoundError, FileExistsError, ValueError) as err:
         print(f"hf-sidecar {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -180,15 +180,25 @@ def revoke_checkpoint(
     lam: float | None = None,
     gamma: float | None = None,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> Path:
     """Write the revoked checkpoint of ``model_dir`` to ``out_dir``, one shard at a time.
 
     Non-weight files (config, tokenizer, generation config) are copied; each safetensors shard is
     rewritten with the same name and tensor set, so the index stays valid. ``config.json``
     records the applied sidecars under ``hf_sidecar_revocation``. The folder appears only when
-    complete.
+    complete. An existing non-empty ``out_dir`` is replaced only with ``overwrite=True``, and
+    never when it is ``model_dir`` itself or contains it.
     """
     model_dir = Path(model_dir)
+    out_path = Path(out_dir)
+    if out_path.resolve() == model_dir.resolve() or model_dir.resolve().is_relative_to(out_path.resolve()):
+        raise ValueError(f"The output folder {out_path} is the checkpoint folder {model_dir} or contains it; choose another --out.")
+    if out_path.exists() and (not out_path.is_dir() or any(out_path.iterdir())) and not overwrite:
+        raise FileExistsError(
+            f"The output folder {out_path} already exists and is not empty; choose another --out, "
+            "or pass overwrite=True (--overwrite) to replace it."
+        )
     sidecars = as_sidecar_list(sidecars)
     coefficients = _coefficients(sidecars, lam, gamma)
     covered = sorted(set().union(*(sidecar.names for sidecar in sidecars)))

@@ -100,6 +100,13 @@ def render_markdown(report: dict) -> str:
         for i, t in enumerate(trials):
             selected = ", ".join(f"{kind} ({v['lam']:g}, {v['gamma']:g})" for kind, v in t["selected"].items())
             lines.append(f"- trial {i}: {selected}")
+        edge = max(report["config"]["grid"])
+        at_edge = [
+            f"trial {i} {kind}" for i, t in enumerate(trials) if t.get("selected")
+            for kind, v in t["selected"].items() if max(v["lam"], v["gamma"]) >= edge
+        ]
+        if at_edge:
+            lines += ["", f"Selected at the grid's edge ({edge:g}): {', '.join(at_edge)}. A wider grid may select larger coefficients."]
         summary = report["summary"]
         lines += [
             "",
@@ -115,7 +122,16 @@ def render_markdown(report: dict) -> str:
             "| Task arithmetic (1, 0) | " + " | ".join(_format(t["param_error"]["task_arithmetic"]) for t in trials) + " |",
             "| Sidecar (1, 1) | " + " | ".join(_format(t["param_error"]["sidecar_1_1"]) for t in trials) + " |",
         ]
-    lines += ["", "## Greedy behaviour", "", "| model | refusal rate, memorized held-out | refusal rate, public | memory leakage (ROUGE-L recall) | public retention (ROUGE-L recall) |", "|---|---|---|---|---|"]
+    lines += [
+        "",
+        "## Greedy behaviour",
+        "",
+        "Refusals are judged by is_refusal on greedy answers. A small model trained from scratch rarely writes a clean "
+        "refusal or answers unseen public questions, so these columns are informative for pretrained presets (smollm2).",
+        "",
+        "| model | refusal rate, memorized held-out | refusal rate, public | memory leakage (ROUGE-L recall) | public retention (ROUGE-L recall) |",
+        "|---|---|---|---|---|",
+    ]
     for i, t in enumerate(trials):
         for name, values in t.get("behaviour", {}).items():
             lines.append(

@@ -309,3 +309,25 @@ def test_sidecars_of_different_processes_are_not_combined(run):
     other.config["memory"] = "other"
     with pytest.raises(SidecarMismatchError, match="different safety processes"):
         revoke_state_dict(run["theta_ams"], [run["sidecar"], other])
+
+
+def test_revoke_checkpoint_keeps_existing_output(run, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+
+    with pytest.raises(FileExistsError, match="already exists and is not empty"):
+        revoke_checkpoint(run["folder"] / "theta_AMS", run["sidecar"], out, progress=False)
+    assert (out / "notes.txt").read_text() == "keep me"
+
+    revoke_checkpoint(run["folder"] / "theta_AMS", run["sidecar"], out, progress=False, overwrite=True)
+    assert not (out / "notes.txt").exists()
+    assert (out / "model.safetensors").is_file()
+
+
+def test_revoke_checkpoint_rejects_its_own_folder(run):
+    before = (run["folder"] / "theta_AMS" / "model.safetensors").read_bytes()
+    for out in (run["folder"] / "theta_AMS", run["folder"]):
+        with pytest.raises(ValueError, match="is the checkpoint folder .* or contains it"):
+            revoke_checkpoint(run["folder"] / "theta_AMS", run["sidecar"], out, progress=False, overwrite=True)
+    assert (run["folder"] / "theta_AMS" / "model.safetensors").read_bytes() == before

@@ -348,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="train the three phases on bundled data, build a sidecar and evaluate it")
     demo.add_argument(
         "--preset", default="tiny",
-        help="model and training preset: tiny (default, a small Llama from scratch, about 2 minutes on 2 cores), test (seconds), "
+        help="model and training preset: tiny (default, a small Llama from scratch, under a minute on 2 idle cores), test (seconds), "
         "smollm2 (SmolLM2-135M-Instruct with LoRA phases, about 20 minutes a trial), smollm2-smoke (about a minute)",
     )
     demo.add_argument(

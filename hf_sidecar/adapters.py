@@ -22,7 +22,7 @@ import torch
 
 from .data import TokenizedExample
 from .io import atomic_directory, atomic_save_safetensors, atomic_write_json, content_digest
-from .process import ProcessConfig, ProcessMismatchError, ProcessRecord, load_parameters, record_process, run_process, state_of
+from .process import ProcessConfig, ProcessMismatchError, ProcessRecord, load_parameters, record_process, run_process
 from .sidecar import LowRank, Sidecar, make_config
 
 logger = logging.getLogger(__name__)

@@ -525,6 +525,17 @@ def main(argv: list[str] | None = None) -> int:
     except (SidecarError, CheckpointError, DataError, ProcessMismatchError, SidecarHubError, FileNotFoundError, FileExistsError, ValueError) as err:
         print(f"hf-sidecar {args.command}: error: {err}", file=sys.stderr)
         return 2
+    finally:
+        _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    """Destroy the process group a launcher run joined, so gloo's threads stop before exit."""
+    import torch.distributed as dist
+
+    # No barrier: after an error on one process the others may never arrive at it.
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ resumes where it stopped.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -17,12 +16,11 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from . import __version__
 from .build import build_sidecar, run_oracle
-from .data import DataError, SplitSizes, load_data, make_splits, tokenize_examples, write_jsonl
+from .data import SplitSizes, load_data, make_splits, tokenize_examples, write_jsonl
 from .edit import revoke_model_, revoke_state_dict
 from .evaluation import DEFAULT_GRID, evaluate_grid, scores_at
 from .io import atomic_directory, atomic_write_json, file_digests

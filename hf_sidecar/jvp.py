@@ -61,9 +61,9 @@ def process_jvp(
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Return ``(S(start_state), J_S tangent)`` for the recorded process, exactly.
 
-    ``tangent`` maps parameter names to directions; trained parameters it omits get a zero
-    direction, and its entries for parameters the process does not train pass through
-    unchanged (``J_S`` is the identity there).
+    ``tangent`` maps parameter names to directions. Trained parameters it omits get a zero
+    direction. Its entries for parameters the process does not train pass through unchanged,
+    because ``J_S`` is the identity there.
     """
     if has_active_dropout(model):
         raise ValueError("Exact JVP mode needs a model without dropout; set the dropout probabilities to 0.")

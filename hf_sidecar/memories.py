@@ -59,9 +59,9 @@ def build_memory_sidecars(
 ) -> dict[str, Sidecar]:
     """Build one sidecar per named memory, each around the state with the other memories present.
 
-    ``theta_am`` is the state with every memory trained in; ``updates`` maps each memory's name
-    to its update (dense tensors for full fine-tuning, ``LowRank`` factors for LoRA memories, in
-    which case the safety process must be an adapter process). Remaining keyword arguments go to
+    ``theta_am`` is the state with every memory trained in. ``updates`` maps each memory's name
+    to its update: dense tensors for full fine-tuning, or ``LowRank`` factors for LoRA memories,
+    which need an adapter safety process. Remaining keyword arguments go to
     :func:`build_sidecar` or :func:`build_adapter_sidecar`.
     """
     if not updates:
@@ -104,14 +104,13 @@ def run_memories_benchmark(
     """Compare combined sidecar edits with task arithmetic on every non-empty subset of K memories.
 
     Trains the preset's public-skill phase, then K memory phases in turn (each on its own group
-    of authors), then one safety phase over all of them. Builds K sidecars (K traces), and for
-    each of the ``2^K - 1`` subsets runs the subset's own oracle (only for this benchmark) and
-    measures held-out closure and parameter error of the combined edit at (1, 1), at the best
+    of authors), then one safety phase over all of them. Builds K sidecars (K traces). For each
+    of the ``2^K - 1`` subsets it runs the subset's own oracle (only for this benchmark). It then
+    measures held-out closure and parameter error of the combined edit at (1, 1) and at the best
     validation point of the grid, and of task arithmetic. Writes ``memories.json`` and
     ``memories.md`` to ``out``.
     """
     import itertools
-    import json
     import time
     from dataclasses import replace
     from pathlib import Path

@@ -475,7 +475,7 @@ def all_reduce_gradients(parameters: Sequence[torch.nn.Parameter], loss_sum: flo
     """Sum the gradients (and the loss, for logging) over all processes.
 
     A parameter that got no gradient on any process keeps ``grad = None``, so AdamW skips it as
-    it would in one process; one that got a gradient somewhere gets zeros where it got none.
+    it would in one process. One that got a gradient somewhere gets zeros where it got none.
     """
     import torch.distributed as dist
 

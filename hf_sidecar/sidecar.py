@@ -24,7 +24,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from . import __version__
-from .io import CheckpointError, ContentDigest, atomic_directory, atomic_save_safetensors, atomic_write_json, atomic_write_text, checkpoint_files, sha256_file
+from .io import ContentDigest, atomic_directory, atomic_save_safetensors, atomic_write_json, atomic_write_text, checkpoint_files, sha256_file
 
 logger = logging.getLogger(__name__)
 

@@ -46,3 +46,34 @@ def setup() -> Setup:
         memory=tokenize_examples(tokenizer, splits.phase_m, 64),
         public=tokenize_examples(tokenizer, splits.phase_a[:32], 64),
     )
+
+
+@pytest.fixture(scope="session")
+def dense_run(setup, tmp_path_factory):
+    """A small full fine-tuning run shared by modules that only read it.
+
+    ``folder/theta_AMS`` is the saved safety-trained checkpoint (with tokenizer) and ``sidecar``
+    its dense sidecar for the memory "authors". Tests must not modify the states or the sidecar.
+    """
+    from types import SimpleNamespace
+
+    from hf_sidecar.build import build_sidecar
+    from hf_sidecar.io import file_digests
+    from hf_sidecar.process import ProcessConfig, state_of, train
+
+    memory = ProcessConfig(learning_rate=3e-3, num_epochs=1, batch_size=8, max_length=64, seed=2)
+    safety = ProcessConfig(learning_rate=1e-3, num_epochs=1, batch_size=6, max_length=64, seed=1)
+    folder = tmp_path_factory.mktemp("dense-run")
+    model = setup.model(seed=5)
+    theta_a = state_of(dict(model.named_parameters()))
+    train(model, "memory", memory, setup.memory, progress=False)
+    theta_am = state_of(dict(model.named_parameters()))
+    record = train(model, "safety", safety, setup.safety, progress=False)
+    theta_ams = state_of(dict(model.named_parameters()))
+    model.save_pretrained(folder / "theta_AMS")
+    setup.tokenizer.save_pretrained(folder / "theta_AMS")
+    sidecar = build_sidecar(
+        model, record, setup.safety, theta_a=theta_a, theta_am=theta_am, theta_ams=theta_ams,
+        checkpoint_files=file_digests(folder / "theta_AMS"), memory="authors", progress=False,
+    ).sidecar
+    return SimpleNamespace(record=record, theta_a=theta_a, theta_am=theta_am, theta_ams=theta_ams, sidecar=sidecar, folder=folder)

@@ -39,6 +39,13 @@ def main() -> None:
         save_file({name: tensor.contiguous() for name, tensor in end.items()}, str(out / "end.safetensors"))
         record.save(out / "process.json")
         (out / "world_size").write_text(str(world_size))
+    # Leave the group explicitly: a process that exits with gloo's threads still running can
+    # abort with "terminate called without an active exception".
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -36,7 +36,9 @@ def test_splits_are_disjoint_and_complete():
     retain_ids = {e.id.removesuffix("-retain") for e in splits.phase_s if e.kind == "retain"}
     skill_ids = {e.id for e in splits.phase_a}
     public_eval_ids = {e.id for e in splits.public_eval}
-    assert not retain_ids & skill_ids and not retain_ids & public_eval_ids and not skill_ids & public_eval_ids
+    assert not retain_ids & skill_ids
+    assert not retain_ids & public_eval_ids
+    assert not skill_ids & public_eval_ids
     assert len(retain_ids | skill_ids | public_eval_ids) == 217
 
 

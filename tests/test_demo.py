@@ -38,7 +38,8 @@ def test_report_has_every_key(demo):
     assert trial["selected"]["task_arithmetic"]["gamma"] == 0.0
     assert trial["selected"]["diagonal"]["lam"] == trial["selected"]["diagonal"]["gamma"]
     for key in ("task_arithmetic", "sidecar_1_1"):
-        assert _finite(trial["param_error"][key]) and trial["param_error"][key] > 0, key
+        assert _finite(trial["param_error"][key]), key
+        assert trial["param_error"][key] > 0, key
     for key in ("phase_a", "phase_m", "phase_s", "sidecar_trace", "oracle_trace", "grid"):
         assert _finite(trial["seconds"][key]), key
     assert trial["heldout_closure"]["no_edit"] == 0.0
@@ -123,7 +124,7 @@ def test_cli_inspect_rejects_other_checkpoint(demo, capsys):
 
 
 def test_cli_eval_reports_closure(demo, tmp_path, capsys):
-    from hf_sidecar.data import SplitSizes, load_data, make_splits, write_jsonl
+    from hf_sidecar.data import load_data, make_splits, write_jsonl
     from hf_sidecar.demo import PRESETS
 
     out, report = demo

@@ -14,7 +14,6 @@ import pytest
 import torch
 from huggingface_hub import HfApi, ModelCard, constants, snapshot_download
 
-from hf_sidecar.build import build_sidecar
 from hf_sidecar.card import sidecar_card
 from hf_sidecar.cli import main
 from hf_sidecar.edit import REVOCATION_CONFIG_KEY, revoke_checkpoint, revoke_state_dict
@@ -26,37 +25,25 @@ from hf_sidecar.hub import (
     hub_checkpoint_matches,
     pull_sidecar,
 )
-from hf_sidecar.io import file_digests
-from hf_sidecar.process import ProcessConfig, state_of, train
 from hf_sidecar.sidecar import SIDECAR_FILES, TENSORS_FILE, Sidecar, SidecarMismatchError
 
 from hub_server import ALICE_TOKEN, BOB_TOKEN, HubServer, hub_server  # noqa: F401 - fixture
 
 REPO = "alice/model"
 FOLDER = "sidecars/authors"
-SAFETY = ProcessConfig(learning_rate=1e-3, num_epochs=1, batch_size=6, max_length=64, seed=1)
-MEMORY = ProcessConfig(learning_rate=3e-3, num_epochs=1, batch_size=8, max_length=64, seed=2)
 ROOT_README = "---\nlicense: mit\n---\n\n# My adapter\n\nWritten by its owner; hf-sidecar must keep this text.\n"
 
 
 @pytest.fixture(scope="module")
-def built(setup, tmp_path_factory):
+def built(setup, dense_run, tmp_path_factory):
     """A small run's theta_AMS folder, its sidecar 'authors', a second sidecar and a LoRA adapter folder."""
+    import shutil
+
     from peft import LoraConfig, get_peft_model
 
     folder = tmp_path_factory.mktemp("hub-run")
-    model = setup.model(seed=5)
-    theta_a = state_of(dict(model.named_parameters()))
-    train(model, "memory", MEMORY, setup.memory, progress=False)
-    theta_am = state_of(dict(model.named_parameters()))
-    record = train(model, "safety", SAFETY, setup.safety, progress=False)
-    theta_ams = state_of(dict(model.named_parameters()))
-    model.save_pretrained(folder / "theta_AMS")
-    setup.tokenizer.save_pretrained(folder / "theta_AMS")
-    sidecar = build_sidecar(
-        model, record, setup.safety, theta_a=theta_a, theta_am=theta_am, theta_ams=theta_ams,
-        checkpoint_files=file_digests(folder / "theta_AMS"), memory="authors", progress=False,
-    ).sidecar
+    shutil.copytree(dense_run.folder / "theta_AMS", folder / "theta_AMS")
+    sidecar, theta_ams = dense_run.sidecar, dense_run.theta_ams
     sidecar.save_pretrained(folder / "sidecar")
     config = copy.deepcopy(sidecar.config)
     config["memory"] = "publishers"
@@ -243,7 +230,7 @@ def test_private_request_on_public_repo_is_rejected(hub_server, api, built):
 def test_push_without_write_token_fails(hub_server, api, built):
     api.create_repo(REPO, private=True)
 
-    with pytest.raises(SidecarHubError, match=f"HTTP 403.*write token of the user or organization 'alice'"):
+    with pytest.raises(SidecarHubError, match="HTTP 403.*write token of the user or organization 'alice'"):
         _push(hub_server, built.sidecar, token=BOB_TOKEN)
     assert api.list_repo_files(REPO) == [".gitattributes"]
 

@@ -21,10 +21,9 @@ import hf_sidecar.file_digests as file_digests_module
 import hf_sidecar.streaming as streaming
 from hf_sidecar import SidecarModelForCausalLM
 from hf_sidecar.adapters import PEFT_PREFIX, AdapterSpec, attach_lora, build_adapter_sidecar, factored_update, train_adapter_phase
-from hf_sidecar.build import build_sidecar
 from hf_sidecar.edit import REVOCATION_CONFIG_KEY, revoke_state_dict
 from hf_sidecar.io import content_digest, file_digests, load_checkpoint
-from hf_sidecar.process import ProcessConfig, load_parameters, state_of, train
+from hf_sidecar.process import ProcessConfig, load_parameters, state_of
 from hf_sidecar.sidecar import TENSORS_FILE, Sidecar, SidecarError, SidecarMismatchError
 from hf_sidecar.streaming import StreamingDigest
 
@@ -60,21 +59,16 @@ def _with_files(sidecar: Sidecar, folder: Path) -> Sidecar:
 
 
 @pytest.fixture(scope="module")
-def dense(setup, tmp_path_factory):
+def dense(setup, dense_run, tmp_path_factory):
     """A full fine-tuning run: theta_AMS saved whole and sharded, its dense sidecar, and another model."""
+    import shutil
+
     folder = tmp_path_factory.mktemp("dense")
+    shutil.copytree(dense_run.folder / "theta_AMS", folder / "theta_AMS")
     model = setup.model(seed=5)
-    theta_a = state_of(dict(model.named_parameters()))
-    train(model, "memory", MEMORY, setup.memory, progress=False)
-    theta_am = state_of(dict(model.named_parameters()))
-    record = train(model, "safety", SAFETY, setup.safety, progress=False)
-    theta_ams = state_of(dict(model.named_parameters()))
-    model.save_pretrained(folder / "theta_AMS")
+    load_parameters(model, dense_run.theta_ams)
     model.save_pretrained(folder / "sharded", max_shard_size=SHARD_SIZE)
-    sidecar = build_sidecar(
-        model, record, setup.safety, theta_a=theta_a, theta_am=theta_am, theta_ams=theta_ams,
-        checkpoint_files=file_digests(folder / "theta_AMS"), memory="authors", progress=False,
-    ).sidecar
+    sidecar, theta_ams = dense_run.sidecar, dense_run.theta_ams
     sidecar.save_pretrained(folder / "sidecar")
     other = setup.model(seed=99)
     other.save_pretrained(folder / "other")

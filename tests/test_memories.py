@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from hf_sidecar.build import build_sidecar, memory_update
+from hf_sidecar.build import build_sidecar
 from hf_sidecar.edit import revoke_state_dict
 from hf_sidecar.memories import build_memory_sidecars, sequential_updates
 from hf_sidecar.process import ProcessConfig, load_parameters, record_process, run_process, state_of, train

@@ -29,7 +29,8 @@ def test_smoke_report_is_finite(smoke):
     for key, value in trial["heldout_closure"].items():
         assert math.isfinite(value), key
     for key, value in trial["param_error"].items():
-        assert math.isfinite(value) and value > 0, key
+        assert math.isfinite(value), key
+        assert value > 0, key
 
 
 def test_smoke_sidecar_is_factored(smoke):

@@ -5,6 +5,8 @@ Every metric is deterministic: refusal scores use teacher forcing, answers use g
 
 from __future__ import annotations
 
+import copy
+import inspect
 import logging
 import re
 from collections.abc import Mapping, Sequence
@@ -158,6 +160,15 @@ def parameter_error(
     return error / reference
 
 
+def _cache_argument(model) -> str:
+    """The keyword that passes a key-value cache to ``model``'s forward.
+
+    transformers 5.25 renamed ``past_key_values`` to ``cache`` and warns on the old name, which
+    it plans to remove; earlier 5.x releases know only the old one.
+    """
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 class RefusalScorer:
     """Teacher-forced refusal scores ``r(theta, x)`` for a fixed prompt set.
 
@@ -199,33 +210,51 @@ class RefusalScorer:
         cache = DynamicCache()
         output = model(
             input_ids=prompt_ids.to(device), attention_mask=prompt_mask.to(device), position_ids=positions.to(device),
-            past_key_values=cache, use_cache=True,
+            use_cache=True, **{_cache_argument(model): cache},
         )
         last_logits = output.logits[:, -1].float()
-        per_prompt = self.num_refusals + 1
-        cache = output.past_key_values
-        cache.batch_repeat_interleave(per_prompt)
-        continuations = [ids for i in indices for ids in self.continuations[i]]
+        # The ground-truth answers (long, one per prompt) and the scoring refusals (short, shared)
+        # run as two groups, each padded to its own longest member: one padded group costs
+        # about three times the tokens on TOFU, where answers run to 60 tokens and refusals to 9.
+        # Each group extends its own copy of the prompts' cache.
+        answers = self._continuation_means(model, copy.deepcopy(cache), last_logits, prompt_mask, [[self.continuations[i][-1]] for i in indices], device)
+        refusals = self._continuation_means(model, cache, last_logits, prompt_mask, [self.continuations[i][:-1] for i in indices], device)
+        return np.concatenate([refusals, answers], axis=1)
+
+    def _continuation_means(self, model, cache, last_logits, prompt_mask, groups: list[list[list[int]]], device) -> np.ndarray:
+        """Mean-token log-probabilities of each prompt's continuations, shape ``(prompts, per_prompt)``.
+
+        ``cache`` holds the prompts' keys and values; it is repeated for the continuations and
+        extended in place.
+        """
+        per_prompt = len(groups[0])
+        if per_prompt > 1:
+            cache.batch_repeat_interleave(per_prompt)
+        continuations = [ids for group in groups for ids in group]
         length = max(len(ids) for ids in continuations)
         cont_ids = torch.full((len(continuations), length), self.pad_token_id, dtype=torch.long)
-        cont_mask = torch.zeros((len(continuations), length), dtype=torch.long)
+        cont_mask = torch.zeros((len(continuations), length), dtype=torch.bool)
         for row, ids in enumerate(continuations):
             cont_ids[row, : len(ids)] = torch.tensor(ids)
-            cont_mask[row, : len(ids)] = 1
+            cont_mask[row, : len(ids)] = True
         start = prompt_mask.sum(-1).repeat_interleave(per_prompt)
         cont_positions = start.unsqueeze(-1) + torch.arange(length).unsqueeze(0)
-        mask = torch.cat([prompt_mask.repeat_interleave(per_prompt, dim=0), cont_mask], dim=-1)
+        mask = torch.cat([prompt_mask.repeat_interleave(per_prompt, dim=0), cont_mask.long()], dim=-1)
         logits = model(
             input_ids=cont_ids.to(device), attention_mask=mask.to(device), position_ids=cont_positions.to(device),
-            past_key_values=cache, use_cache=True,
-        ).logits.float()
+            use_cache=True, **{_cache_argument(model): cache},
+        ).logits
         # Token t of a continuation is predicted by the logit before it: the prompt's last logit
-        # for t = 0, the continuation's own logit t - 1 afterwards.
-        predictors = torch.cat([last_logits.repeat_interleave(per_prompt, dim=0).unsqueeze(1), logits[:, :-1]], dim=1)
-        log_probs = F.log_softmax(predictors, dim=-1).gather(-1, cont_ids.to(device).unsqueeze(-1)).squeeze(-1)
-        weights = cont_mask.to(device).float()
-        means = ((log_probs * weights).sum(-1) / weights.sum(-1).clamp(min=1)).cpu().double().numpy()
-        return means.reshape(len(indices), per_prompt)
+        # for t = 0, the continuation's own logit t - 1 afterwards. Only real tokens are
+        # normalized over the vocabulary.
+        predictors = torch.cat([last_logits.repeat_interleave(per_prompt, dim=0).unsqueeze(1), logits[:, :-1].float()], dim=1)
+        valid = cont_mask.to(device)
+        picked = predictors[valid]
+        token_log_probs = picked.gather(-1, cont_ids.to(device)[valid].unsqueeze(-1)).squeeze(-1) - torch.logsumexp(picked, dim=-1)
+        rows = torch.arange(len(continuations), device=device).repeat_interleave(cont_mask.sum(-1).to(device))
+        sums = torch.zeros(len(continuations), dtype=token_log_probs.dtype, device=device).index_add_(0, rows, token_log_probs)
+        means = (sums / cont_mask.sum(-1).to(device).clamp(min=1)).cpu().double().numpy()
+        return means.reshape(len(groups), per_prompt)
 
     @torch.no_grad()
     def scores(self, model) -> np.ndarray:
@@ -233,7 +262,7 @@ class RefusalScorer:
         device = next(model.parameters()).device
         was_training = model.training
         model.eval()
-        order = sorted(range(len(self.prompts)), key=lambda i: len(self.prompt_ids[i]))
+        order = sorted(range(len(self.prompts)), key=lambda i: (len(self.continuations[i][-1]), len(self.prompt_ids[i])))
         values = np.zeros((len(self.prompts), self.num_refusals + 1))
         try:
             for start in range(0, len(order), self.batch_size):

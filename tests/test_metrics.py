@@ -69,12 +69,16 @@ def _mean_log_prob(model, prompt, continuation) -> float:
     return log_probs.mean().item()
 
 
-def test_refusal_score_matches_direct_computation(setup):
+@pytest.mark.parametrize("num_prompts,num_refusals,batch_size", [(3, 2, 4), (6, 3, 4), (5, 1, 2)])
+def test_refusal_score_matches_direct_computation(setup, num_prompts, num_refusals, batch_size):
+    # Batches of prompts with answers of different lengths, a last batch of one prompt, and a
+    # single scoring refusal (no cache repeat) all agree with scoring each sequence on its own.
     model = setup.model(seed=2)
     model.eval()
-    prompts = setup.splits.validation[:3]
-    scoring = setup.splits.scoring_refusals[:2]
-    scores = RefusalScorer(setup.tokenizer, prompts, scoring, batch_size=4).scores(model)
+    prompts = setup.splits.validation[:num_prompts]
+    scoring = setup.splits.scoring_refusals[:num_refusals]
+    assert (len(prompts), len(scoring)) == (num_prompts, num_refusals)
+    scores = RefusalScorer(setup.tokenizer, prompts, scoring, batch_size=batch_size).scores(model)
 
     for index, example in enumerate(prompts):
         prompt = encode_prompt(setup.tokenizer, example.question)

@@ -162,7 +162,7 @@ def run_trial(config: DemoConfig, data, seed: int, trial_dir: Path, *, oracle: b
     if config.phase_a is not None:
         _, _, _, seconds["phase_a"] = phase("public_skill", config.phase_a, splits.phase_a, 1)
     else:
-        seconds["phase_a"] = 0.0
+        seconds["phase_a"] = None
     theta_a = state_of(dict(model.named_parameters()))
     _save_checkpoint(model, tokenizer, trial_dir / "theta_A")
     _, _, memory_factors, seconds["phase_m"] = phase("memory", config.phase_m, splits.phase_m, 2)

@@ -14,11 +14,21 @@ from .io import atomic_write_bytes, atomic_write_json, atomic_write_text
 logger = logging.getLogger(__name__)
 
 CLOSURE_ROWS = (
-    ("no_edit", "No edit (theta_AMS)"),
-    ("task_arithmetic", "Task arithmetic, best lam on validation"),
-    ("diagonal", "Diagonal gamma = lam, best on validation"),
-    ("sidecar_2d", "Sidecar 2D, best (lam, gamma) on validation"),
+    ("no_edit", "No edit (θ_AMS)"),
+    ("task_arithmetic", "Task arithmetic, best λ on validation"),
+    ("diagonal", "Diagonal γ = λ, best on validation"),
+    ("sidecar_2d", "Sidecar 2D, best (λ, γ) on validation"),
     ("sidecar_1_1", "Sidecar (1, 1), the theory default"),
+)
+
+# Timed parts of a trial, in the order they run; "other" (greedy behaviour, saving) is the rest of the total.
+SECONDS_COLUMNS = (
+    ("phase_a", "public skill"),
+    ("phase_m", "memory"),
+    ("phase_s", "safety"),
+    ("sidecar_trace", "sidecar trace"),
+    ("oracle_trace", "oracle trace"),
+    ("grid", "grid and held-out scores"),
 )
 
 
@@ -35,8 +45,8 @@ def save_heatmap(grid: Grid, selected: dict[str, tuple[float, float]], path: str
     image = axes.imshow(grid.closure, origin="lower", cmap="viridis", aspect="auto")
     axes.set_xticks(range(len(grid.gammas)), [f"{g:g}" for g in grid.gammas])
     axes.set_yticks(range(len(grid.lams)), [f"{lam:g}" for lam in grid.lams])
-    axes.set_xlabel("gamma (transport)")
-    axes.set_ylabel("lam (memory)")
+    axes.set_xlabel("γ (transport)")
+    axes.set_ylabel("λ (memory)")
     axes.set_title(title)
     for i in range(len(grid.lams)):
         for j in range(len(grid.gammas)):
@@ -60,6 +70,10 @@ def _format(value) -> str:
     if isinstance(value, float):
         return "n/a" if math.isnan(value) else f"{value:.3f}"
     return str(value)
+
+
+def _tenths(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1f}"
 
 
 def summarize(trials: list[dict]) -> dict:
@@ -91,15 +105,20 @@ def render_markdown(report: dict) -> str:
         "",
     ]
     if any(t.get("heldout_closure") for t in trials):
-        header = "| edit | " + " | ".join(f"trial {i} (seed {t['seed']})" for i, t in enumerate(trials)) + " |"
-        lines += ["## Held-out refusal closure", "", header, "|---" * (len(trials) + 1) + "|"]
+        summary = report["summary"]
+        several = summary["trials_with_oracle"] > 1
+        header = "| edit | " + " | ".join(f"trial {i} (seed {t['seed']})" for i, t in enumerate(trials)) + (" | mean |" if several else " |")
+        lines += ["## Held-out refusal closure", "", header, "|---" * (len(trials) + 1 + several) + "|"]
         for key, label in CLOSURE_ROWS:
             row = [_format(t["heldout_closure"][key]) if t.get("heldout_closure") else "n/a" for t in trials]
+            if several:
+                row.append(_format(summary["mean_heldout_closure"][key]))
             lines.append(f"| {label} | " + " | ".join(row) + " |")
-        lines += ["", "Selected coefficients (lam, gamma) on validation closure:", ""]
+        lines += ["", "Selected coefficients (λ, γ) on validation closure:", ""]
         for i, t in enumerate(trials):
-            selected = ", ".join(f"{kind} ({v['lam']:g}, {v['gamma']:g})" for kind, v in t["selected"].items())
-            lines.append(f"- trial {i}: {selected}")
+            if t.get("selected"):
+                selected = ", ".join(f"{kind} ({v['lam']:g}, {v['gamma']:g})" for kind, v in t["selected"].items())
+                lines.append(f"- trial {i}: {selected}")
         edge = max(report["config"]["grid"])
         at_edge = [
             f"trial {i} {kind}" for i, t in enumerate(trials) if t.get("selected")
@@ -107,20 +126,20 @@ def render_markdown(report: dict) -> str:
         ]
         if at_edge:
             lines += ["", f"Selected at the grid's edge ({edge:g}): {', '.join(at_edge)}. A wider grid may select larger coefficients."]
-        summary = report["summary"]
+        count = summary["trials_with_oracle"]
         lines += [
             "",
-            f"The 2D edit beats task arithmetic in {summary['sidecar_2d_beats_task_arithmetic']} of "
-            f"{summary['trials_with_oracle']} trials and the diagonal in {summary['sidecar_2d_beats_diagonal']}.",
+            f"The 2D edit beats task arithmetic in {summary['sidecar_2d_beats_task_arithmetic']} of {count} trials "
+            f"and the diagonal in {summary['sidecar_2d_beats_diagonal']} of {count}.",
             "",
             "## Counterfactual parameter error",
             "",
-            "||theta_hat - theta_AS|| / ||theta_AMS - theta_AS||, lower is better.",
+            "‖θ̂ − θ_AS‖ / ‖θ_AMS − θ_AS‖, lower is better.",
             "",
             "| edit | " + " | ".join(f"trial {i}" for i in range(len(trials))) + " |",
             "|---" * (len(trials) + 1) + "|",
-            "| Task arithmetic (1, 0) | " + " | ".join(_format(t["param_error"]["task_arithmetic"]) for t in trials) + " |",
-            "| Sidecar (1, 1) | " + " | ".join(_format(t["param_error"]["sidecar_1_1"]) for t in trials) + " |",
+            "| Task arithmetic (1, 0) | " + " | ".join(_format((t["param_error"] or {}).get("task_arithmetic")) for t in trials) + " |",
+            "| Sidecar (1, 1) | " + " | ".join(_format((t["param_error"] or {}).get("sidecar_1_1")) for t in trials) + " |",
         ]
     lines += [
         "",
@@ -138,13 +157,33 @@ def render_markdown(report: dict) -> str:
                 f"| trial {i}: {name} | {_format(values['refusal_rate_memorized'])} | {_format(values['refusal_rate_public'])} | "
                 f"{_format(values['memory_leakage'])} | {_format(values['public_retention'])} |"
             )
-    lines += ["", "## Seconds", "", "| trial | " + " | ".join(trials[0]["seconds"]) + " |", "|---" * (len(trials[0]["seconds"]) + 1) + "|"]
-    for i, t in enumerate(trials):
-        lines.append(f"| {i} | " + " | ".join(_format(round(v, 1) if v is not None else None) for v in t["seconds"].values()) + " |")
+    lines += ["", "## Seconds", "", _seconds_table(report)]
     sizes = trials[0].get("sizes")
     if sizes:
-        lines += ["", f"Sidecar size on disk: {sizes['sidecar_bytes']:,} bytes; model checkpoint: {sizes['checkpoint_bytes']:,} bytes."]
+        share = sizes["sidecar_bytes"] / sizes["checkpoint_bytes"] if sizes["checkpoint_bytes"] else float("nan")
+        lines += [
+            "",
+            f"Sidecar size on disk: {sizes['sidecar_bytes']:,} bytes; model checkpoint: {sizes['checkpoint_bytes']:,} bytes ({share:.1%}).",
+        ]
     lines.append("")
+    return "\n".join(lines)
+
+
+def _seconds_table(report: dict) -> str:
+    """Seconds per part of each trial; a phase the preset does not run shows a dash."""
+    skipped = {"phase_a"} if report.get("config", {}).get("phase_a", True) is None else set()
+    lines = [
+        "| trial | " + " | ".join(label for _, label in SECONDS_COLUMNS) + " | other | total | total, minutes |",
+        "|---" * (len(SECONDS_COLUMNS) + 4) + "|",
+    ]
+    for i, t in enumerate(report["trials"]):
+        seconds = t["seconds"]
+        parts = [None if key in skipped else seconds.get(key) for key, _ in SECONDS_COLUMNS]
+        total = seconds.get("total")
+        other = total - sum(v for v in parts if v is not None) if total is not None else None
+        cells = ["–" if key in skipped else _tenths(v) for (key, _), v in zip(SECONDS_COLUMNS, parts)]
+        cells += [_tenths(other), _tenths(total), _tenths(None if total is None else total / 60)]
+        lines.append(f"| {i} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -138,3 +138,34 @@ def test_cli_eval_reports_closure(demo, tmp_path, capsys):
     results = json.loads(capsys.readouterr().out)
     assert results["closure"] == pytest.approx(report["trials"][0]["heldout_closure"]["sidecar_1_1"], abs=1e-6)
     assert 0.0 <= results["revoked"]["refusal_rate"] <= 1.0
+
+
+def test_report_counts_and_means_over_trials(demo):
+    # Three copies of the fixture's trial with the 2D edit's closure lowered in one of them: the
+    # counts, the mean column and the seconds table follow.
+    from hf_sidecar.report import render_markdown, summarize
+
+    out, report = demo
+    trial = report["trials"][0]
+    trials = [json.loads(json.dumps(trial)) for _ in range(3)]
+    for index, copy in enumerate(trials):
+        copy["seed"] = 11 + index
+        copy["heldout_closure"]["task_arithmetic"] = 0.5
+        copy["heldout_closure"]["diagonal"] = 0.6
+        copy["heldout_closure"]["sidecar_2d"] = 0.7
+    trials[1]["heldout_closure"]["sidecar_2d"] = 0.55
+    summary = summarize(trials)
+    assert (summary["sidecar_2d_beats_task_arithmetic"], summary["sidecar_2d_beats_diagonal"]) == (3, 2)
+    assert summary["mean_heldout_closure"]["sidecar_2d"] == pytest.approx((0.7 + 0.55 + 0.7) / 3)
+
+    text = render_markdown({**report, "trials": trials, "summary": summary})
+    assert "in 3 of 3 trials and the diagonal in 2 of 3." in text
+    assert "| Sidecar 2D, best (λ, γ) on validation | 0.700 | 0.550 | 0.700 | 0.650 |" in text
+    seconds_row = next(line for line in text.splitlines() if line.startswith("| 0 | "))
+    cells = [cell.strip() for cell in seconds_row.strip("|").split("|")]
+    assert float(cells[-2]) == pytest.approx(trial["seconds"]["total"], abs=0.05)
+    # The parts and "other" add up to the total.
+    assert sum(float(c) for c in cells[1:-2]) == pytest.approx(trial["seconds"]["total"], abs=0.5)
+
+    skipped = render_markdown({**report, "config": {**report["config"], "phase_a": None}})
+    assert next(line for line in skipped.splitlines() if line.startswith("| 0 | ")).startswith("| 0 | – |")

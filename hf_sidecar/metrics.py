@@ -161,10 +161,10 @@ def parameter_error(
 
 
 def _cache_argument(model) -> str:
-    """The keyword that passes a key-value cache to ``model``'s forward.
+    """Return the keyword that passes a key-value cache to ``model``'s forward.
 
-    transformers 5.25 renamed ``past_key_values`` to ``cache`` and warns on the old name, which
-    it plans to remove; earlier 5.x releases know only the old one.
+    transformers 5.25 names it ``cache`` and warns that ``past_key_values`` goes away in 5.40.
+    Forwards without a ``cache`` parameter get the old name.
     """
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
@@ -214,8 +214,8 @@ class RefusalScorer:
         )
         last_logits = output.logits[:, -1].float()
         # The ground-truth answers (long, one per prompt) and the scoring refusals (short, shared)
-        # run as two groups, each padded to its own longest member: one padded group costs
-        # about three times the tokens on TOFU, where answers run to 60 tokens and refusals to 9.
+        # run as two groups, each padded to its own longest member. On TOFU, where answers run
+        # to 60 tokens and refusals to 9, one padded group would cost about three times the tokens.
         # Each group extends its own copy of the prompts' cache.
         answers = self._continuation_means(model, copy.deepcopy(cache), last_logits, prompt_mask, [[self.continuations[i][-1]] for i in indices], device)
         refusals = self._continuation_means(model, cache, last_logits, prompt_mask, [self.continuations[i][:-1] for i in indices], device)
@@ -224,7 +224,7 @@ class RefusalScorer:
     def _continuation_means(self, model, cache, last_logits, prompt_mask, groups: list[list[list[int]]], device) -> np.ndarray:
         """Mean-token log-probabilities of each prompt's continuations, shape ``(prompts, per_prompt)``.
 
-        ``cache`` holds the prompts' keys and values; it is repeated for the continuations and
+        ``cache`` contains the prompts' keys and values. It is repeated for the continuations and
         extended in place.
         """
         per_prompt = len(groups[0])

@@ -21,7 +21,8 @@ CLOSURE_ROWS = (
     ("sidecar_1_1", "Sidecar (1, 1), the theory default"),
 )
 
-# Timed parts of a trial, in the order they run; "other" (greedy behaviour, saving) is the rest of the total.
+# Timed parts of a trial, in the order they run. The report's "other" column (greedy behaviour,
+# saving) is the rest of the total.
 SECONDS_COLUMNS = (
     ("phase_a", "public skill"),
     ("phase_m", "memory"),

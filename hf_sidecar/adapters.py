@@ -229,13 +229,13 @@ def build_adapter_sidecar(
         for name, value in theta_a.items():
             start[name] = (value.float() + scale * delta[name]).to(value.dtype) if name in delta else value
         began = time.perf_counter()
-        factors = adapter_trace(model, record, examples, start, pad_token_id=pad_token_id, description=label, progress=progress)
+        factors = adapter_trace(model, record, examples, start, pad_token_id=pad_token_id, description=f"trace {label}", progress=progress)
         result.trace_seconds.append(time.perf_counter() - began)
-        logger.info("Trace %s took %.1f s", label, result.trace_seconds[-1])
+        logger.info("Trace from %s took %.1f s", label, result.trace_seconds[-1])
         return factors
 
-    plus = safety_factors if (epsilon == 1.0 and safety_factors is not None) else trace(epsilon, f"trace theta_A + {epsilon:g} delta")
-    minus = trace(-epsilon, f"trace theta_A - {epsilon:g} delta")
+    plus = safety_factors if (epsilon == 1.0 and safety_factors is not None) else trace(epsilon, f"theta_A + {epsilon:g} delta")
+    minus = trace(-epsilon, f"theta_A - {epsilon:g} delta")
     transport = transported_residual(plus, minus, epsilon)
     load_parameters(model, theta_ams)
 

@@ -124,15 +124,16 @@ def test_cli_inspect_rejects_other_checkpoint(demo, capsys):
 
 
 def test_cli_eval_reports_closure(demo, tmp_path, capsys):
-    from hf_sidecar.data import load_data, make_splits, write_jsonl
+    from hf_sidecar.data import load_data, make_splits, read_examples
     from hf_sidecar.demo import PRESETS
 
     out, report = demo
     trial = out / "trial-0"
     splits = make_splits(load_data(), PRESETS["test"].splits, 11)
-    write_jsonl(tmp_path / "test.jsonl", splits.test)
+    for name in ("validation", "test", "public_eval"):
+        assert read_examples(trial / f"{name}.jsonl") == getattr(splits, name), name
     assert main([
-        "eval", "--model", str(trial / "theta_AMS"), "--sidecar", str(trial / "sidecar"), "--prompts", str(tmp_path / "test.jsonl"),
+        "eval", "--model", str(trial / "theta_AMS"), "--sidecar", str(trial / "sidecar"), "--prompts", str(trial / "test.jsonl"),
         "--oracle", str(trial / "theta_AS"), "--lam", "1", "--gamma", "1", "--max-new-tokens", "4", "--no-progress",
     ]) == 0
     results = json.loads(capsys.readouterr().out)

@@ -349,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--preset", default="tiny",
         help="model and training preset: tiny (default, a small Llama from scratch, under a minute on 2 idle cores), test (seconds), "
-        "smollm2 (SmolLM2-135M-Instruct with LoRA phases, about 20 minutes a trial), smollm2-smoke (about a minute)",
+        "smollm2 (SmolLM2-135M-Instruct with LoRA phases, about 15 minutes a trial on 2 CPU cores), smollm2-smoke (about a minute)",
     )
     demo.add_argument(
         "--model", default=None,

@@ -74,7 +74,7 @@ PRESETS: dict[str, DemoConfig] = {
         max_new_tokens=8,
     ),
     # SmolLM2-135M-Instruct with LoRA r = 8 on every attention and MLP projection; one trial
-    # takes about 20 minutes on 2 CPU cores.
+    # took 14 minutes on 2 idle CPU cores (docs/benchmarks.md).
     "smollm2": DemoConfig(
         preset="smollm2",
         base_model="smollm2",

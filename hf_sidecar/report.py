@@ -73,6 +73,12 @@ def _format(value) -> str:
     return str(value)
 
 
+def _ties(count: int) -> str:
+    if not count:
+        return ""
+    return f" (ties in {count}: the same closure)" if count > 1 else " (a tie in 1: the same closure)"
+
+
 def _tenths(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.1f}"
 
@@ -82,6 +88,9 @@ def summarize(trials: list[dict]) -> dict:
     with_oracle = [t for t in trials if t.get("heldout_closure")]
     beats_ta = sum(t["heldout_closure"]["sidecar_2d"] > t["heldout_closure"]["task_arithmetic"] for t in with_oracle)
     beats_diag = sum(t["heldout_closure"]["sidecar_2d"] > t["heldout_closure"]["diagonal"] for t in with_oracle)
+    # A tie is the same closure, usually because validation selected the same (λ, γ) for both edits.
+    ties_ta = sum(t["heldout_closure"]["sidecar_2d"] == t["heldout_closure"]["task_arithmetic"] for t in with_oracle)
+    ties_diag = sum(t["heldout_closure"]["sidecar_2d"] == t["heldout_closure"]["diagonal"] for t in with_oracle)
     means = {}
     if with_oracle:
         for key, _ in CLOSURE_ROWS:
@@ -91,6 +100,8 @@ def summarize(trials: list[dict]) -> dict:
         "trials_with_oracle": len(with_oracle),
         "sidecar_2d_beats_task_arithmetic": beats_ta,
         "sidecar_2d_beats_diagonal": beats_diag,
+        "sidecar_2d_ties_task_arithmetic": ties_ta,
+        "sidecar_2d_ties_diagonal": ties_diag,
         "mean_heldout_closure": means,
     }
 
@@ -130,8 +141,9 @@ def render_markdown(report: dict) -> str:
         count = summary["trials_with_oracle"]
         lines += [
             "",
-            f"The 2D edit beats task arithmetic in {summary['sidecar_2d_beats_task_arithmetic']} of {count} trials "
-            f"and the diagonal in {summary['sidecar_2d_beats_diagonal']} of {count}.",
+            f"The 2D edit beats task arithmetic in {summary['sidecar_2d_beats_task_arithmetic']} of {count} trials"
+            f"{_ties(summary.get('sidecar_2d_ties_task_arithmetic', 0))} "
+            f"and the diagonal in {summary['sidecar_2d_beats_diagonal']} of {count}{_ties(summary.get('sidecar_2d_ties_diagonal', 0))}.",
             "",
             "## Counterfactual parameter error",
             "",

@@ -142,8 +142,8 @@ def test_cli_eval_reports_closure(demo, tmp_path, capsys):
 
 
 def test_report_counts_and_means_over_trials(demo):
-    # Three copies of the fixture's trial with the 2D edit's closure lowered in one of them: the
-    # counts, the mean column and the seconds table follow.
+    # Three copies of the fixture's trial: the 2D edit wins the first, falls below the diagonal in
+    # the second and ties it in the third. The counts, the mean column and the seconds table follow.
     from hf_sidecar.report import render_markdown, summarize
 
     out, report = demo
@@ -155,13 +155,17 @@ def test_report_counts_and_means_over_trials(demo):
         copy["heldout_closure"]["diagonal"] = 0.6
         copy["heldout_closure"]["sidecar_2d"] = 0.7
     trials[1]["heldout_closure"]["sidecar_2d"] = 0.55
+    trials[2]["heldout_closure"]["sidecar_2d"] = 0.6
     summary = summarize(trials)
-    assert (summary["sidecar_2d_beats_task_arithmetic"], summary["sidecar_2d_beats_diagonal"]) == (3, 2)
-    assert summary["mean_heldout_closure"]["sidecar_2d"] == pytest.approx((0.7 + 0.55 + 0.7) / 3)
+    assert summary["sidecar_2d_beats_task_arithmetic"] == 3
+    assert summary["sidecar_2d_beats_diagonal"] == 1
+    assert summary["sidecar_2d_ties_diagonal"] == 1
+    assert summary["sidecar_2d_ties_task_arithmetic"] == 0
+    assert summary["mean_heldout_closure"]["sidecar_2d"] == pytest.approx((0.7 + 0.55 + 0.6) / 3)
 
     text = render_markdown({**report, "trials": trials, "summary": summary})
-    assert "in 3 of 3 trials and the diagonal in 2 of 3." in text
-    assert "| Sidecar 2D, best (λ, γ) on validation | 0.700 | 0.550 | 0.700 | 0.650 |" in text
+    assert "in 3 of 3 trials and the diagonal in 1 of 3 (a tie in 1: the same closure)." in text
+    assert "| Sidecar 2D, best (λ, γ) on validation | 0.700 | 0.550 | 0.600 | 0.617 |" in text
     seconds_row = next(line for line in text.splitlines() if line.startswith("| 0 | "))
     cells = [cell.strip() for cell in seconds_row.strip("|").split("|")]
     assert float(cells[-2]) == pytest.approx(trial["seconds"]["total"], abs=0.05)

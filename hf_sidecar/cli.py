@@ -10,6 +10,9 @@ from pathlib import Path
 
 logger = logging.getLogger("hf_sidecar.cli")
 
+# Greedy decoding limit of `hf-sidecar eval` when the sidecar records none (sidecars built outside the demo).
+DEFAULT_MAX_NEW_TOKENS = 48
+
 
 def _setup_logging(verbosity: int) -> None:
     if verbosity < 0:
@@ -203,16 +206,20 @@ def _cmd_eval(args) -> int:
     from .process import load_parameters, state_of
     from .sidecar import Sidecar
 
+    # Prompt files first: a wrong path fails before the model loads.
+    prompts = read_examples(args.prompts)
+    public = read_examples(args.public) if args.public else []
     sidecar = Sidecar.from_pretrained(args.sidecar)
+    max_new_tokens = args.max_new_tokens
+    if max_new_tokens is None:
+        max_new_tokens = int(sidecar.config.get("evaluation", {}).get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS))
     model, tokenizer = _load_model(args.model)
     theta_ams = state_of(dict(model.named_parameters()))
     sidecar.check_state(theta_ams, where=args.model)
-    prompts = read_examples(args.prompts)
-    public = read_examples(args.public) if args.public else []
     lam, gamma = sidecar.recommended
     lam = lam if args.lam is None else args.lam
     gamma = gamma if args.gamma is None else args.gamma
-    results: dict = {"lam": lam, "gamma": gamma}
+    results: dict = {"lam": lam, "gamma": gamma, "max_new_tokens": max_new_tokens}
     scoring = sidecar.config.get("scoring_refusals") or []
     if args.oracle:
         if not scoring:
@@ -232,14 +239,14 @@ def _cmd_eval(args) -> int:
             results["grid"] = grid.to_dict()
             results["grid_selected"] = {k: list(v) for k, v in grid.select().items()}
     load_parameters(model, theta_ams)
-    results["unedited"] = behaviour_metrics(model, tokenizer, prompts, public or prompts[:0], max_new_tokens=args.max_new_tokens) if public else None
+    results["unedited"] = behaviour_metrics(model, tokenizer, prompts, public, max_new_tokens=max_new_tokens) if public else None
     revoke_model_(model, sidecar, lam=lam, gamma=gamma, verify=False, reference=theta_ams)
     if public:
-        results["revoked"] = behaviour_metrics(model, tokenizer, prompts, public, max_new_tokens=args.max_new_tokens)
+        results["revoked"] = behaviour_metrics(model, tokenizer, prompts, public, max_new_tokens=max_new_tokens)
     else:
         from .metrics import greedy_answers, is_refusal, rouge_l_recall
 
-        answers = greedy_answers(model, tokenizer, [p.question for p in prompts], max_new_tokens=args.max_new_tokens)
+        answers = greedy_answers(model, tokenizer, [p.question for p in prompts], max_new_tokens=max_new_tokens)
         results["revoked"] = {
             "refusal_rate": float(np.mean([is_refusal(a) for a in answers])),
             "memory_leakage": float(np.mean([rouge_l_recall(a, p.ground_truth) for a, p in zip(answers, prompts)])),
@@ -424,7 +431,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--grid", action="store_true", help="with --oracle, also evaluate the default 7x7 (lam, gamma) grid")
     evaluate.add_argument("--lam", type=float, default=None, help="memory coefficient (default: the sidecar's recommendation)")
     evaluate.add_argument("--gamma", type=float, default=None, help="transport coefficient (default: the sidecar's recommendation)")
-    evaluate.add_argument("--max-new-tokens", type=int, default=48, help="greedy decoding length limit, in tokens")
+    evaluate.add_argument(
+        "--max-new-tokens", type=int, default=None,
+        help=f"greedy decoding length limit, in tokens (default: the limit the demo recorded in the sidecar, else {DEFAULT_MAX_NEW_TOKENS})",
+    )
     evaluate.add_argument("--out", default=None, help="write the results JSON here as well")
     evaluate.add_argument("--no-progress", action="store_true", help="hide progress bars")
     evaluate.set_defaults(func=_cmd_eval)

@@ -70,9 +70,12 @@ class TofuData:
         return sorted({example.author for example in self.fictitious if example.author})
 
 
-def _read_jsonl(path: Path, keys: Sequence[str]) -> list[dict]:
+_FOLDER_HINT = f"A data folder needs {', '.join(f + '.jsonl' for f in DATA_FILES)} and refusals.txt."
+
+
+def _read_jsonl(path: Path, keys: Sequence[str], missing_hint: str) -> list[dict]:
     if not path.is_file():
-        raise DataError(f"Data file {path} not found. A data folder needs {', '.join(f + '.jsonl' for f in DATA_FILES)} and refusals.txt.")
+        raise DataError(f"Data file {path} not found. {missing_hint}")
     rows = []
     with open(path, encoding="utf-8") as handle:
         for line_number, line in enumerate(handle, start=1):
@@ -103,11 +106,11 @@ def load_data(data_dir: str | Path | None = None) -> TofuData:
     root = Path(data_dir) if data_dir is not None else BUNDLED_DATA_DIR
     fictitious = [
         Example(id=f"fictitious-{index:04d}", question=row["question"], answer=row["answer"], kind="memory", author=row["author"])
-        for index, row in enumerate(_read_jsonl(root / "fictitious_authors.jsonl", DATA_FILES["fictitious_authors"]))
+        for index, row in enumerate(_read_jsonl(root / "fictitious_authors.jsonl", DATA_FILES["fictitious_authors"], _FOLDER_HINT))
     ]
     public = []
     for name in ("world_facts", "real_authors"):
-        for index, row in enumerate(_read_jsonl(root / f"{name}.jsonl", DATA_FILES[name])):
+        for index, row in enumerate(_read_jsonl(root / f"{name}.jsonl", DATA_FILES[name], _FOLDER_HINT)):
             public.append(Example(id=f"{name.replace('_', '-')}-{index:04d}", question=row["question"], answer=row["answer"], kind="public"))
     refusals_path = root / "refusals.txt"
     if not refusals_path.is_file():
@@ -240,7 +243,12 @@ def write_jsonl(path: str | Path, examples: Iterable[Example]) -> None:
 
 def read_examples(path: str | Path) -> list[Example]:
     """Read examples written by :func:`write_jsonl` (``id``, ``question`` and ``answer`` required)."""
-    rows = _read_jsonl(Path(path), ("id", "question", "answer"))
+    rows = _read_jsonl(
+        Path(path),
+        ("id", "question", "answer"),
+        "Pass a JSONL file with the keys id, question and answer on each line; `hf-sidecar demo` writes "
+        "validation.jsonl, test.jsonl and public_eval.jsonl into each trial folder.",
+    )
     return [
         Example(
             id=row["id"],

@@ -277,6 +277,8 @@ def run_trial(config: DemoConfig, data, seed: int, trial_dir: Path, *, oracle: b
         result["behaviour"][name] = behaviour_metrics(model, tokenizer, splits.test, splits.public_eval, max_new_tokens=config.max_new_tokens)
     load_parameters(model, theta_ams)
 
+    # `hf-sidecar eval` decodes with the same limit by default, so its greedy metrics match the report.
+    sidecar.config["evaluation"] = {"max_new_tokens": config.max_new_tokens}
     sidecar.save_pretrained(trial_dir / "sidecar")
     result["sizes"] = {
         "sidecar_bytes": sum(f.stat().st_size for f in (trial_dir / "sidecar").iterdir()),
@@ -328,11 +330,19 @@ def run_demo(
     return _write(out, config, results, oracle)
 
 
+def _report_config(config: DemoConfig) -> dict:
+    values = json.loads(json.dumps(asdict(config), default=str))
+    if config.base_model is not None:
+        # The tiny-model shape is unused when a pretrained model runs; its own config.json is in each trial folder.
+        values["model"] = None
+    return values
+
+
 def _write(out: Path, config: DemoConfig, results: list[dict], oracle: bool) -> dict:
     report = {
         "version": __version__,
         "preset": config.preset,
-        "config": json.loads(json.dumps(asdict(config), default=str)),
+        "config": _report_config(config),
         "oracle": oracle,
         "trials": results,
         "summary": summarize(results),

@@ -73,6 +73,21 @@ def _format(value) -> str:
     return str(value)
 
 
+def _behaviour_note(config: dict) -> str:
+    note = f"Refusals are judged by is_refusal on greedy answers of at most {config.get('max_new_tokens')} new tokens."
+    if config.get("base_model") is None:
+        note += (
+            " A small model trained from scratch rarely writes a clean refusal or answers unseen public questions,"
+            " so these columns say little here; a pretrained model (the smollm2 preset) is the one to read."
+        )
+    elif (config.get("max_new_tokens") or 0) < 32:
+        note += (
+            " Answers this short are often cut off before the fact or the refusal they should state,"
+            " so refusal rates and retention understate what longer answers show."
+        )
+    return note
+
+
 def _ties(count: int) -> str:
     if not count:
         return ""
@@ -116,6 +131,13 @@ def render_markdown(report: dict) -> str:
         "Closure is measured on held-out prompts about memorized authors; 1 is the oracle's refusal behaviour, 0 is no edit.",
         "",
     ]
+    sizes = trials[0].get("split_sizes")
+    if sizes:
+        lines += [
+            f"Prompts per trial: {sizes['validation']} validation (to select λ and γ), {sizes['test']} held-out memorized-author, "
+            f"{sizes['public_eval']} public.",
+            "",
+        ]
     if any(t.get("heldout_closure") for t in trials):
         summary = report["summary"]
         several = summary["trials_with_oracle"] > 1
@@ -131,8 +153,10 @@ def render_markdown(report: dict) -> str:
             if t.get("selected"):
                 selected = ", ".join(f"{kind} ({v['lam']:g}, {v['gamma']:g})" for kind, v in t["selected"].items())
                 lines.append(f"- trial {i}: {selected}")
-        edge = max(report["config"]["grid"])
-        at_edge = [
+        grid_values = report["config"]["grid"]
+        edge = max(grid_values)
+        # On a grid of two values every point is at an edge, so the warning would carry no information.
+        at_edge = [] if len(grid_values) < 3 else [
             f"trial {i} {kind}" for i, t in enumerate(trials) if t.get("selected")
             for kind, v in t["selected"].items() if max(v["lam"], v["gamma"]) >= edge
         ]
@@ -158,8 +182,7 @@ def render_markdown(report: dict) -> str:
         "",
         "## Greedy behaviour",
         "",
-        "Refusals are judged by is_refusal on greedy answers. A small model trained from scratch rarely writes a clean "
-        "refusal or answers unseen public questions, so these columns are informative for pretrained presets (smollm2).",
+        _behaviour_note(report["config"]),
         "",
         "| model | refusal rate, memorized held-out | refusal rate, public | memory leakage (ROUGE-L recall) | public retention (ROUGE-L recall) |",
         "|---|---|---|---|---|",
@@ -176,7 +199,8 @@ def render_markdown(report: dict) -> str:
         share = sizes["sidecar_bytes"] / sizes["checkpoint_bytes"] if sizes["checkpoint_bytes"] else float("nan")
         lines += [
             "",
-            f"Sidecar size on disk: {sizes['sidecar_bytes']:,} bytes; model checkpoint: {sizes['checkpoint_bytes']:,} bytes ({share:.1%}).",
+            f"Sidecar folder on disk (all files): {sizes['sidecar_bytes']:,} bytes; model checkpoint (safetensors files): "
+            f"{sizes['checkpoint_bytes']:,} bytes ({share:.1%}).",
         ]
     lines.append("")
     return "\n".join(lines)

@@ -141,6 +141,39 @@ def test_cli_eval_reports_closure(demo, tmp_path, capsys):
     assert 0.0 <= results["revoked"]["refusal_rate"] <= 1.0
 
 
+def test_cli_eval_defaults_match_report(demo, capsys):
+    from hf_sidecar.demo import PRESETS
+
+    # Without --lam, --gamma and --max-new-tokens, eval scores the validation-selected edit with
+    # the demo's decoding limit, so its closure and greedy metrics are the report's.
+    out, report = demo
+    trial = out / "trial-0"
+    assert main([
+        "eval", "--model", str(trial / "theta_AMS"), "--sidecar", str(trial / "sidecar"), "--prompts", str(trial / "test.jsonl"),
+        "--public", str(trial / "public_eval.jsonl"), "--oracle", str(trial / "theta_AS"), "--no-progress",
+    ]) == 0
+    results = json.loads(capsys.readouterr().out)
+    selected = report["trials"][0]["selected"]["sidecar_2d"]
+    assert (results["lam"], results["gamma"]) == (selected["lam"], selected["gamma"])
+    assert results["max_new_tokens"] == PRESETS["test"].max_new_tokens
+    assert results["closure"] == pytest.approx(report["trials"][0]["heldout_closure"]["sidecar_2d"], abs=1e-6)
+    behaviour = report["trials"][0]["behaviour"][f"sidecar 2D ({selected['lam']:g}, {selected['gamma']:g})"]
+    assert results["revoked"] == pytest.approx(behaviour, abs=1e-9)
+    assert results["unedited"] == pytest.approx(report["trials"][0]["behaviour"]["theta_AMS (no edit)"], abs=1e-9)
+
+
+def test_cli_eval_missing_prompts_file(demo, tmp_path, capsys):
+    out, _ = demo
+    trial = out / "trial-0"
+    missing = tmp_path / "heldout.jsonl"
+    code = main(["eval", "--model", str(trial / "theta_AMS"), "--sidecar", str(trial / "sidecar"), "--prompts", str(missing), "--no-progress"])
+    assert code == 2
+    message = capsys.readouterr().err
+    assert str(missing) in message
+    assert "test.jsonl" in message
+    assert "data folder" not in message
+
+
 def test_report_counts_and_means_over_trials(demo):
     # Three copies of the fixture's trial: the 2D edit wins the first, falls below the diagonal in
     # the second and ties it in the third. The counts, the mean column and the seconds table follow.

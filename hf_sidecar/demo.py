@@ -172,7 +172,7 @@ def run_trial(config: DemoConfig, data, seed: int, trial_dir: Path, *, oracle: b
     theta_ams = state_of(dict(model.named_parameters()))
     ams_files = _save_checkpoint(model, tokenizer, trial_dir / "theta_AMS")
     write_jsonl(trial_dir / "safety_data.jsonl", splits.phase_s)
-    # The evaluation prompt sets, so that `hf-sidecar eval --prompts` can score other edits of this trial.
+    # Write the evaluation prompt sets so that `hf-sidecar eval --prompts` can score other edits of this trial.
     for name, examples in (("validation", splits.validation), ("test", splits.test), ("public_eval", splits.public_eval)):
         write_jsonl(trial_dir / f"{name}.jsonl", examples)
     record.save(trial_dir / "safety_process.json")

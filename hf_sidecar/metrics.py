@@ -160,7 +160,7 @@ def parameter_error(
     return error / reference
 
 
-def _cache_argument(model) -> str:
+def _cache_keyword(model) -> str:
     """Return the keyword that passes a key-value cache to ``model``'s forward.
 
     transformers 5.25 names it ``cache`` and warns that ``past_key_values`` goes away in 5.40.
@@ -208,21 +208,24 @@ class RefusalScorer:
             prompt_mask[row, width - len(ids) :] = 1
         positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache()
+        cache_keyword = _cache_keyword(model)
         output = model(
             input_ids=prompt_ids.to(device), attention_mask=prompt_mask.to(device), position_ids=positions.to(device),
-            use_cache=True, **{_cache_argument(model): cache},
+            use_cache=True, **{cache_keyword: cache},
         )
         last_logits = output.logits[:, -1].float()
         # The ground-truth answers (long, one per prompt) and the scoring refusals (short, shared)
-        # run as two groups, each padded to its own longest member. On TOFU, where answers run
-        # to 60 tokens and refusals to 9, one padded group would cost about three times the tokens.
+        # run as two groups, each padded to its own longest member. On TOFU, where ground-truth
+        # answers reach 60 tokens and refusals 9, one padded group would cost about three times the tokens.
         # Each group extends its own copy of the prompts' cache.
-        answers = self._continuation_means(model, copy.deepcopy(cache), last_logits, prompt_mask, [[self.continuations[i][-1]] for i in indices], device)
-        refusals = self._continuation_means(model, cache, last_logits, prompt_mask, [self.continuations[i][:-1] for i in indices], device)
+        answer_groups = [[self.continuations[i][-1]] for i in indices]
+        refusal_groups = [self.continuations[i][:-1] for i in indices]
+        answers = self._continuation_means(model, cache_keyword, copy.deepcopy(cache), last_logits, prompt_mask, answer_groups, device)
+        refusals = self._continuation_means(model, cache_keyword, cache, last_logits, prompt_mask, refusal_groups, device)
         return np.concatenate([refusals, answers], axis=1)
 
-    def _continuation_means(self, model, cache, last_logits, prompt_mask, groups: list[list[list[int]]], device) -> np.ndarray:
-        """Mean-token log-probabilities of each prompt's continuations, shape ``(prompts, per_prompt)``.
+    def _continuation_means(self, model, cache_keyword: str, cache, last_logits, prompt_mask, groups: list[list[list[int]]], device) -> np.ndarray:
+        """Compute the mean-token log-probabilities of each prompt's continuations, shape ``(prompts, per_prompt)``.
 
         ``cache`` contains the prompts' keys and values. It is repeated for the continuations and
         extended in place.
@@ -242,7 +245,7 @@ class RefusalScorer:
         mask = torch.cat([prompt_mask.repeat_interleave(per_prompt, dim=0), cont_mask.long()], dim=-1)
         logits = model(
             input_ids=cont_ids.to(device), attention_mask=mask.to(device), position_ids=cont_positions.to(device),
-            use_cache=True, **{_cache_argument(model): cache},
+            use_cache=True, **{cache_keyword: cache},
         ).logits
         # Token t of a continuation is predicted by the logit before it: the prompt's last logit
         # for t = 0, the continuation's own logit t - 1 afterwards. Only real tokens are

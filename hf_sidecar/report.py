@@ -33,6 +33,24 @@ SECONDS_COLUMNS = (
 )
 
 
+# Marker and legend label of each selected edit on a closure heatmap.
+SELECTION_MARKERS = {"task_arithmetic": ("s", "task arithmetic"), "diagonal": ("D", "diagonal"), "sidecar_2d": ("*", "sidecar 2D")}
+
+
+def draw_closure_grid(axes, grid: Grid, *, title: str, fontsize: int):
+    """Draw the grid's closure on ``axes`` as a labelled heatmap with each value printed, and return the image."""
+    image = axes.imshow(grid.closure, origin="lower", cmap="viridis", aspect="auto")
+    axes.set_xticks(range(len(grid.gammas)), [f"{g:g}" for g in grid.gammas])
+    axes.set_yticks(range(len(grid.lams)), [f"{lam:g}" for lam in grid.lams])
+    axes.set_xlabel("γ (transport)")
+    axes.set_ylabel("λ (memory)")
+    axes.set_title(title)
+    for i in range(len(grid.lams)):
+        for j in range(len(grid.gammas)):
+            axes.text(j, i, f"{grid.closure[i, j]:.2f}", ha="center", va="center", fontsize=fontsize, color="white")
+    return image
+
+
 def save_heatmap(grid: Grid, selected: dict[str, tuple[float, float]], path: str | Path, title: str = "Validation closure") -> None:
     """Draw the grid's closure as a PNG heatmap with the selected edits marked."""
     import io
@@ -43,18 +61,9 @@ def save_heatmap(grid: Grid, selected: dict[str, tuple[float, float]], path: str
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(figsize=(5.6, 4.6), dpi=120)
-    image = axes.imshow(grid.closure, origin="lower", cmap="viridis", aspect="auto")
-    axes.set_xticks(range(len(grid.gammas)), [f"{g:g}" for g in grid.gammas])
-    axes.set_yticks(range(len(grid.lams)), [f"{lam:g}" for lam in grid.lams])
-    axes.set_xlabel("γ (transport)")
-    axes.set_ylabel("λ (memory)")
-    axes.set_title(title)
-    for i in range(len(grid.lams)):
-        for j in range(len(grid.gammas)):
-            axes.text(j, i, f"{grid.closure[i, j]:.2f}", ha="center", va="center", fontsize=6, color="white")
-    markers = {"task_arithmetic": ("s", "task arithmetic"), "diagonal": ("D", "diagonal"), "sidecar_2d": ("*", "sidecar 2D")}
+    image = draw_closure_grid(axes, grid, title=title, fontsize=6)
     for kind, (lam, gamma) in selected.items():
-        marker, label = markers[kind]
+        marker, label = SELECTION_MARKERS[kind]
         axes.scatter([grid.gammas.index(gamma)], [grid.lams.index(lam)], marker=marker, s=140, facecolors="none", edgecolors="red", linewidths=1.6, label=label)
     axes.legend(loc="upper left", fontsize=7, framealpha=0.8)
     figure.colorbar(image, ax=axes, label="closure")
@@ -207,7 +216,7 @@ def render_markdown(report: dict) -> str:
 
 
 def _seconds_table(report: dict) -> str:
-    """Seconds per part of each trial; a phase the preset does not run shows a dash."""
+    """Render the seconds per part of each trial as a table. A phase that the preset does not run shows a dash."""
     skipped = {"phase_a"} if report.get("config", {}).get("phase_a", True) is None else set()
     lines = [
         "| trial | " + " | ".join(label for _, label in SECONDS_COLUMNS) + " | other | total | total, minutes |",

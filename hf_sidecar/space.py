@@ -411,27 +411,20 @@ def closure_figure(grid: Grid, selected: Mapping[str, tuple[float, float]], lam:
     import matplotlib.pyplot as plt
     import numpy as np
 
+    from .report import SELECTION_MARKERS, draw_closure_grid
+
     figure, axes = plt.subplots(figsize=(5.6, 5.0), dpi=100)
-    image = axes.imshow(grid.closure, origin="lower", cmap="viridis", aspect="auto")
-    axes.set_xticks(range(len(grid.gammas)), [f"{g:g}" for g in grid.gammas])
-    axes.set_yticks(range(len(grid.lams)), [f"{value:g}" for value in grid.lams])
-    axes.set_xlabel("γ (transport)")
-    axes.set_ylabel("λ (memory)")
-    axes.set_title("Validation refusal closure")
-    for i in range(len(grid.lams)):
-        for j in range(len(grid.gammas)):
-            axes.text(j, i, f"{grid.closure[i, j]:.2f}", ha="center", va="center", fontsize=7, color="white")
+    image = draw_closure_grid(axes, grid, title="Validation refusal closure", fontsize=7)
 
     def position(point_lam: float, point_gamma: float) -> tuple[float, float]:
         x = float(np.interp(point_gamma, grid.gammas, range(len(grid.gammas))))
         y = float(np.interp(point_lam, grid.lams, range(len(grid.lams))))
         return x, y
 
-    markers = {"task_arithmetic": ("s", "task arithmetic"), "diagonal": ("D", "diagonal"), "sidecar_2d": ("*", "sidecar 2D")}
     for kind, (point_lam, point_gamma) in selected.items():
-        if kind not in markers:
+        if kind not in SELECTION_MARKERS:
             continue
-        marker, label = markers[kind]
+        marker, label = SELECTION_MARKERS[kind]
         x, y = position(point_lam, point_gamma)
         axes.scatter([x], [y], marker=marker, s=150, facecolors="none", edgecolors="red", linewidths=1.6, label=f"{label} ({point_lam:g}, {point_gamma:g})")
     # A wide hollow ring, so a selected edit under the sliders' point stays visible inside it.
